@@ -1,0 +1,5 @@
+"""When to sample and evaluate during training (how is owned by samplers/ and metrics/)."""
+
+from diffusion_lab.callbacks.sample_grid import SampleGrid
+
+__all__ = ["SampleGrid"]

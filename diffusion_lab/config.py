@@ -1,0 +1,97 @@
+"""Start-up checks of a composed config: unknown keys and values outside their allowed set fail before any
+work starts, with a message that names the key, the allowed values and (for typos) the closest match."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from typing import Any, Iterator
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from diffusion_lab.diffusion.gaussian import LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCES
+from diffusion_lab.diffusion.schedules import SCHEDULES
+from diffusion_lab.samplers.timesteps import SPACINGS
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot work; the message names the key and the fix."""
+
+
+# Keys whose values come from a fixed set (the same sets the library code checks).
+ALLOWED_VALUES: dict[str, tuple[Any, ...]] = {
+    "diffusion.schedule": SCHEDULES,
+    "diffusion.prediction_type": PREDICTION_TYPES,
+    "diffusion.loss_weighting": LOSS_WEIGHTINGS,
+    "sampler.spacing": SPACINGS,
+    "sampler.variance": VARIANCES,
+    "data.channels": (1, 3),
+}
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first bad key or value found in ``cfg``."""
+    for key, allowed in ALLOWED_VALUES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+    for path, node in _target_nodes(cfg, ""):
+        _check_keys(path, node)
+
+
+def _target_nodes(node: Any, path: str) -> Iterator[tuple[str, DictConfig]]:
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path, node
+        for key in node.keys():
+            if str(key) == "hydra" and not path:
+                continue
+            child = node._get_node(key)
+            if child is not None and not child._is_missing() and not child._is_interpolation():
+                yield from _target_nodes(node[key], f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            yield from _target_nodes(item, f"{path}[{i}]")
+
+
+def accepted_keys(target: Any) -> set[str] | None:
+    """The keyword arguments ``target`` accepts, or None when it takes arbitrary ``**kwargs``.
+
+    A class that takes ``**kwargs`` may name a dataclass ``config_class`` whose fields are the accepted keys.
+    """
+    config_class = getattr(target, "config_class", None)
+    if config_class is not None and dataclasses.is_dataclass(config_class):
+        return {f.name for f in dataclasses.fields(config_class)}
+    if dataclasses.is_dataclass(target):
+        return {f.name for f in dataclasses.fields(target)}
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+    params = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+
+
+def _check_keys(path: str, node: DictConfig) -> None:
+    target_name = node["_target_"]
+    try:
+        target = get_object(target_name)
+    except Exception as error:  # noqa: BLE001 - hydra raises several types here
+        raise ConfigError(f"{path}._target_={target_name!r} cannot be imported: {error}") from error
+    allowed = accepted_keys(target)
+    if allowed is None:
+        return
+    for key in node.keys():
+        key = str(key)
+        if key in _HYDRA_KEYS or key in allowed:
+            continue
+        close = difflib.get_close_matches(key, sorted(allowed), n=1)
+        hint = f" Did you mean {path}.{close[0]}?" if close else ""
+        raise ConfigError(
+            f"unknown key {path}.{key} for {target_name}.{hint} Allowed keys: {', '.join(sorted(allowed))}"
+        )

@@ -1,0 +1,181 @@
+"""Where images come from. Each source gives a map-style data set of PIL images (or, for the embedded digits,
+of float tensors in [0, 1]); :mod:`diffusion_lab.data.datamodule` turns them into model inputs in [-1, 1]."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file or key and the fix."""
+
+
+class DigitsSource:
+    """scikit-learn's handwritten digits: 1,797 real 8x8 grey images with 17 intensity levels (0..16).
+
+    Ships inside scikit-learn, so the default run needs no network.
+    """
+
+    name = "digits"
+
+    def load(self) -> Dataset:
+        from sklearn.datasets import load_digits
+
+        images = torch.from_numpy(load_digits().images).float().div(16.0).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
+        return _TensorImages(images)
+
+
+class _TensorImages(Dataset):
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+class HFSource:
+    """A Hugging Face ``datasets`` image data set: a hub name (``uoft-cs/cifar10``), a local data set folder
+    saved with ``save_to_disk``, or a local folder of parquet/arrow files, with one split.
+
+    The image column is ``image_column`` if given, else the first column whose feature type is ``Image``.
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        path: str,
+        split: str = "train",
+        config_name: str | None = None,
+        image_column: str | None = None,
+        cache_dir: str | None = None,
+        revision: str | None = None,
+    ) -> None:
+        self.path, self.split, self.config_name = path, split, config_name
+        self.image_column, self.cache_dir, self.revision = image_column, cache_dir, revision
+
+    def load(self) -> Dataset:
+        import datasets
+
+        try:
+            if _saved_to_disk(Path(self.path)):
+                ds: Any = datasets.load_from_disk(self.path)
+            else:
+                ds = datasets.load_dataset(
+                    self.path, self.config_name, split=self.split, cache_dir=self.cache_dir, revision=self.revision
+                )
+        except (FileNotFoundError, ConnectionError, OSError) as error:
+            if isinstance(error, DataError):
+                raise
+            raise DataError(
+                f"could not load the data set data.source.path={self.path!r} (split {self.split!r}): {error}. "
+                "Check the name, or point data.source.path at a local copy (a folder made by save_to_disk, or of "
+                "parquet files); without network, set HF_DATASETS_OFFLINE=1 and use a cached or local copy."
+            ) from error
+        if isinstance(ds, datasets.DatasetDict):
+            if self.split not in ds:
+                raise DataError(f"data.source.split={self.split!r} is not in {self.path!r}; splits: {list(ds)}")
+            ds = ds[self.split]
+        column = self._image_column(ds)
+        return _HFImages(ds, column)
+
+    def _image_column(self, ds: Any) -> str:
+        import datasets
+
+        columns = list(ds.features)
+        if self.image_column is not None:
+            if self.image_column not in ds.features:
+                raise DataError(
+                    f"data.source.image_column={self.image_column!r} is not a column of {self.path!r}; "
+                    f"columns: {columns}"
+                )
+            return self.image_column
+        for name, feature in ds.features.items():
+            if isinstance(feature, datasets.Image):
+                return name
+        raise DataError(
+            f"no column of type Image in {self.path!r} (columns: {columns}); set data.source.image_column=<name>"
+        )
+
+
+def _saved_to_disk(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json"))
+
+
+class _HFImages(Dataset):
+    def __init__(self, ds: Any, column: str) -> None:
+        # Select the column once so that rows do not decode the other columns.
+        self.ds, self.column = ds.select_columns([column]), column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        image = self.ds[int(index)][self.column]
+        if isinstance(image, dict):  # undecoded {"bytes", "path"}
+            import io
+
+            image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+        return image
+
+
+class FolderSource:
+    """Every image file below ``root`` (recursively), sorted by path."""
+
+    name = "folder"
+
+    def __init__(self, root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS, verify: bool = False) -> None:
+        self.root, self.extensions, self.verify = root, tuple(e.lower() for e in extensions), verify
+
+    def load(self) -> Dataset:
+        root = Path(self.root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data.source.root={str(root)!r} is not a folder; point it at a folder of images")
+        files = sorted(
+            p for p in root.rglob("*") if p.suffix.lower() in self.extensions and p.is_file() and not _hidden(p, root)
+        )
+        if not files:
+            raise DataError(
+                f"no images in data.source.root={str(root)!r} (looked recursively for {', '.join(self.extensions)})"
+            )
+        if self.verify:
+            for path in files:
+                open_image(path)
+        return _FolderImages(files)
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def open_image(path: os.PathLike | str) -> Image.Image:
+    """Open and decode an image file, or raise a :class:`DataError` naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"cannot read image {str(path)!r}: {error}. Remove or replace the file.") from error
+
+
+class _FolderImages(Dataset):
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return open_image(self.files[index])

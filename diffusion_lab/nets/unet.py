@@ -1,0 +1,222 @@
+"""The DDPM U-Net (Ho et al. 2020, appendix B; ``diffusion_tf/models/unet.py`` of the original code).
+
+A PixelCNN++-style U-Net: sinusoidal timestep embedding -> 2-layer MLP (4*ch); per resolution
+``num_res_blocks`` residual blocks (GroupNorm(32) + SiLU + dropout, timestep projection), self-attention at
+``attn_resolutions``; strided-conv downsampling, nearest + conv upsampling; skip connections from every
+down block to the matching up block. Weights follow the original initialisation (Xavier-uniform "fan_avg",
+and the output convolution of every residual branch scaled by 1e-5, i.e. variance 1e-10).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128  # base width; every width must be a multiple of 32 for GroupNorm(32)
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)  # widths per resolution: 32, 16, 8, 4 for CIFAR-10
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)  # spatial sizes that get self-attention
+    dropout: float = 0.1  # 0.1 on CIFAR-10; the 256x256 models use 0.0
+    resamp_with_conv: bool = True
+    num_heads: int = 1  # the original network uses single-head attention
+    norm_groups: int = 32
+    norm_eps: float = 1e-6  # tf.contrib.layers.group_norm's epsilon
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        levels = len(self.ch_mult)
+        if levels < 1:
+            raise ValueError("model.net.ch_mult must name at least one resolution")
+        if self.image_size % (2 ** (levels - 1)):
+            raise ValueError(
+                f"model.net.image_size={self.image_size} cannot be halved {levels - 1} times "
+                f"(len(ch_mult)={levels}); use an image size divisible by {2 ** (levels - 1)} or fewer levels"
+            )
+        resolutions = self.resolutions
+        bad = [r for r in self.attn_resolutions if r not in resolutions]
+        if bad:
+            raise ValueError(
+                f"model.net.attn_resolutions={list(self.attn_resolutions)} includes {bad}, which this network never "
+                f"visits; allowed: {list(resolutions)}"
+            )
+        for width in [self.ch * m for m in self.ch_mult]:
+            if width % self.norm_groups or width % self.num_heads:
+                raise ValueError(
+                    f"channel width {width} (model.net.ch * ch_mult) must be divisible by norm_groups="
+                    f"{self.norm_groups} and num_heads={self.num_heads}"
+                )
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding [sin(t w_k), cos(t w_k)], w_k = 10000^(-k / (dim/2 - 1)) (tensor2tensor / Ho et al.)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1))
+    args = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def _init(module: nn.Conv2d | nn.Linear, scale: float = 1.0) -> nn.Module:
+    """TF's variance_scaling(scale, 'fan_avg', 'uniform') and zero bias, as in the original code."""
+    nn.init.xavier_uniform_(module.weight, gain=math.sqrt(scale))
+    nn.init.zeros_(module.bias)
+    return module
+
+
+def _norm(cfg: UNetConfig, channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cfg: UNetConfig, in_ch: int, out_ch: int, temb_ch: int) -> None:
+        super().__init__()
+        self.norm1 = _norm(cfg, in_ch)
+        self.conv1 = _init(nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.temb_proj = _init(nn.Linear(temb_ch, out_ch))
+        self.norm2 = _norm(cfg, out_ch)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.conv2 = _init(nn.Conv2d(out_ch, out_ch, 3, padding=1), scale=1e-10)
+        self.skip = _init(nn.Conv2d(in_ch, out_ch, 1)) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over all positions, with q, k, v and the output as 1x1 projections."""
+
+    def __init__(self, cfg: UNetConfig, ch: int) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.norm = _norm(cfg, ch)
+        self.q, self.k, self.v = (_init(nn.Conv2d(ch, ch, 1)) for _ in range(3))
+        self.proj_out = _init(nn.Conv2d(ch, ch, 1), scale=1e-10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        hn = self.norm(x)
+
+        def heads(proj: nn.Conv2d) -> Tensor:  # (B, heads, HW, C/heads)
+            return proj(hn).reshape(b, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
+
+        out = F.scaled_dot_product_attention(heads(self.q), heads(self.k), heads(self.v))
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int, with_conv: bool) -> None:
+        super().__init__()
+        self.conv = _init(nn.Conv2d(ch, ch, 3, stride=2)) if with_conv else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.conv is None:
+            return F.avg_pool2d(x, 2)
+        # TF's "SAME" padding for a stride-2 3x3 conv on an even size pads one pixel on the right/bottom only.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int, with_conv: bool) -> None:
+        super().__init__()
+        self.conv = _init(nn.Conv2d(ch, ch, 3, padding=1)) if with_conv else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.conv is not None else x
+
+
+class UNet(nn.Module):
+    """``UNet(**UNetConfig fields)(x_t, t) -> prediction`` with the shape of ``x_t``."""
+
+    config_class = UNetConfig
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        cfg = self.config = UNetConfig(**kwargs)
+        ch, temb_ch = cfg.ch, cfg.ch * 4
+        self.temb = nn.Sequential(_init(nn.Linear(ch, temb_ch)), nn.SiLU(), _init(nn.Linear(temb_ch, temb_ch)))
+        self.conv_in = _init(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))
+
+        # Downsampling path; remember the width of every feature map pushed onto the skip stack.
+        self.down = nn.ModuleList()
+        skip_widths, width = [ch], ch
+        for level, (mult, res) in enumerate(zip(cfg.ch_mult, cfg.resolutions)):
+            stage = nn.Module()
+            stage.blocks, stage.attns = nn.ModuleList(), nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                stage.blocks.append(ResBlock(cfg, width, ch * mult, temb_ch))
+                width = ch * mult
+                stage.attns.append(AttnBlock(cfg, width) if res in cfg.attn_resolutions else nn.Identity())
+                skip_widths.append(width)
+            stage.downsample = Downsample(width, cfg.resamp_with_conv) if level < len(cfg.ch_mult) - 1 else None
+            if stage.downsample is not None:
+                skip_widths.append(width)
+            self.down.append(stage)
+
+        self.mid_block1 = ResBlock(cfg, width, width, temb_ch)
+        self.mid_attn = AttnBlock(cfg, width)
+        self.mid_block2 = ResBlock(cfg, width, width, temb_ch)
+
+        # Upsampling path: num_res_blocks + 1 blocks per resolution, each eating one skip connection.
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(cfg.ch_mult))):
+            mult, res = cfg.ch_mult[level], cfg.resolutions[level]
+            stage = nn.Module()
+            stage.blocks, stage.attns = nn.ModuleList(), nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                stage.blocks.append(ResBlock(cfg, width + skip_widths.pop(), ch * mult, temb_ch))
+                width = ch * mult
+                stage.attns.append(AttnBlock(cfg, width) if res in cfg.attn_resolutions else nn.Identity())
+            stage.upsample = Upsample(width, cfg.resamp_with_conv) if level > 0 else None
+            self.up.append(stage)
+
+        self.norm_out = _norm(cfg, width)
+        self.conv_out = _init(nn.Conv2d(width, cfg.out_channels, 3, padding=1), scale=1e-10)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        cfg = self.config
+        if x.shape[1] != cfg.in_channels or x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
+            raise ValueError(
+                f"UNet expects (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}) inputs, got {tuple(x.shape)}"
+            )
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        temb = self.temb(timestep_embedding(t, cfg.ch))
+
+        hs = [self.conv_in(x)]
+        for stage in self.down:
+            for block, attn in zip(stage.blocks, stage.attns):
+                hs.append(attn(block(hs[-1], temb)))
+            if stage.downsample is not None:
+                hs.append(stage.downsample(hs[-1]))
+
+        h = self.mid_block2(self.mid_attn(self.mid_block1(hs[-1], temb)), temb)
+
+        for stage in self.up:
+            for block, attn in zip(stage.blocks, stage.attns):
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), temb))
+            if stage.upsample is not None:
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)

@@ -1,0 +1,49 @@
+"""DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), also on a strided subsequence of timesteps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from diffusion_lab.diffusion.gaussian import VARIANCES, GaussianDiffusion
+from diffusion_lab.samplers.base import NetFn, Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPMSampler(Sampler):
+    """Ancestral sampling with sigma_t^2 = beta_t ("fixed_large") or beta-tilde_t ("fixed_small").
+
+    With fewer steps than T, the betas are respaced over the visited timesteps tau (improved-diffusion's
+    ``space_timesteps``): beta'_i = 1 - alpha-bar_{tau_i} / alpha-bar_{tau_{i-1}}; with "fixed_large" this is
+    the sigma-hat row of DDIM's Table 1.
+    """
+
+    variance: str = "fixed_large"
+    name = "ddpm"
+
+    def __post_init__(self) -> None:
+        if self.variance not in VARIANCES:
+            raise ValueError(f"unknown sampler.variance {self.variance!r}; allowed: {', '.join(VARIANCES)}")
+
+    def step(
+        self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, t: int, t_prev: int, generator: torch.Generator | None
+    ) -> Tensor:
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        # 1. alpha-bars of this and the previous visited step, and the respaced beta'_t
+        a_t, a_prev = self._alpha_bars(diffusion, t, t_prev, x)
+        beta = 1 - a_t / a_prev
+        # 2. predicted x_0 from the network output (eq. 15), optionally clipped
+        x0, _ = diffusion.predict_x0_eps(net(x, t_batch), x, t_batch, clip_x0=self.clip_denoised)
+        # 3. posterior mean mu-tilde(x_t, x_0) (eq. 7)
+        mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x
+        if t_prev < 0:
+            return mean  # the last step adds no noise
+        # 4. x_{t-1} = mu + sigma_t z (Algorithm 2, line 4)
+        if self.variance == "fixed_large":
+            var = beta
+        else:
+            var = beta * (1 - a_prev) / (1 - a_t)
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return mean + var.sqrt() * z

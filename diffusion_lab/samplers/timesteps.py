@@ -1,0 +1,48 @@
+"""The one place that decides which timesteps a sampler visits.
+
+Every sampler reads its current and previous timestep from the list returned here; none derives them by
+arithmetic. The list is strictly decreasing, starts near T - 1 and ends at 0 for every spacing except
+``leading``/``uniform`` (which, as in the DDIM paper, never visits t = T - 1 when S < T).
+
+Rounding can make a spacing repeat a timestep (``quadratic`` repeats t = 0 for S = 50 and 100, exactly as the
+DDIM code does). A repeated timestep is a step from t to t: an identity map for DDIM (eta = 0) that costs a
+network evaluation. The list keeps each timestep once, so it may hold fewer than S entries; its length is the
+true number of network evaluations, and that is what results report.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SPACINGS = ("uniform", "leading", "quadratic", "trailing", "linspace")
+
+
+def timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "uniform") -> list[int]:
+    """Visited timesteps, in sampling order (descending), for ``num_steps`` of a ``num_train_timesteps`` process.
+
+    - ``uniform`` / ``leading``: range(0, T, T // S) (DDIM's uniform skip; diffusers' "leading" with offset 0).
+    - ``quadratic``: int((linspace(0, sqrt(0.8 T), S))^2), truncated as in the DDIM code (its CIFAR-10 skip).
+    - ``trailing``: round(arange(T, 0, -T / S)) - 1 (diffusers; always visits T - 1).
+    - ``linspace``: round(linspace(0, T - 1, S)) (diffusers).
+    """
+    T, S = int(num_train_timesteps), int(num_steps)
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+    if S < 1:
+        raise ValueError(f"num_steps must be >= 1, got {S}")
+    if S > T:
+        raise ValueError(f"num_steps={S} exceeds the {T} timesteps the model was trained with; use num_steps <= {T}")
+    if spacing in ("uniform", "leading"):
+        steps = np.arange(0, T, T // S)[:S]
+    elif spacing == "quadratic":
+        steps = (np.linspace(0, math.sqrt(0.8 * T), S) ** 2).astype(np.int64)
+    elif spacing == "trailing":
+        steps = np.round(np.arange(T, 0, -T / S)).astype(np.int64) - 1
+    else:  # linspace
+        steps = np.round(np.linspace(0, T - 1, S)).astype(np.int64)
+    unique = sorted({int(s) for s in steps}, reverse=True)
+    if unique[-1] < 0 or unique[0] > T - 1:
+        raise ValueError(f"spacing={spacing!r} produced timesteps outside [0, {T - 1}]: {unique}")
+    return unique

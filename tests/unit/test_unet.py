@@ -1,0 +1,69 @@
+"""The DDPM U-Net: parameter counts of the paper configs, shapes, the timestep embedding, config errors."""
+
+import math
+
+import pytest
+import torch
+
+from diffusion_lab.nets import UNet, timestep_embedding
+
+
+def count(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_cifar10_config_has_35_7m_parameters():
+    n = count(UNet())  # the defaults are the CIFAR-10 config
+    print(f"DDPM CIFAR-10 U-Net parameters: {n:,}")
+    # 35,746,307 is also the count of the converted original checkpoint (diffusers google/ddpm-cifar10-32).
+    assert n == 35_746_307
+
+
+def test_256_config_has_about_114m_parameters():
+    with torch.device("meta"):  # count without allocating 450 MB
+        net = UNet(image_size=256, ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0)
+    n = count(net)
+    print(f"DDPM 256x256 U-Net parameters: {n:,}")
+    assert n == 113_673_219  # "114M" in Ho et al.
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape",
+    [
+        (dict(image_size=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(4,)), (3, 1, 8, 8)),
+        (dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,)), (2, 3, 16, 16)),
+    ],
+)
+def test_output_shape_and_timestep_dependence(kwargs, shape):
+    torch.manual_seed(0)
+    net = UNet(**kwargs).eval()
+    for p in net.parameters():  # the output convolutions start near zero; perturb so the output is informative
+        p.data.add_(torch.randn_like(p) * 0.02)
+    x = torch.randn(shape)
+    out_a = net(x, torch.full((shape[0],), 10))
+    out_b = net(x, torch.full((shape[0],), 900))
+    assert out_a.shape == shape
+    assert not torch.allclose(out_a, out_b)  # the timestep reaches the output
+
+
+def test_timestep_embedding_values():
+    emb = timestep_embedding(torch.tensor([0, 1, 7]), 4)
+    # half = 2 frequencies: 10000^(-0/1) = 1 and 10000^(-1/1) = 1e-4; layout [sin..., cos...]
+    expected = torch.tensor(
+        [
+            [0.0, 0.0, 1.0, 1.0],
+            [math.sin(1), math.sin(1e-4), math.cos(1), math.cos(1e-4)],
+            [math.sin(7), math.sin(7e-4), math.cos(7), math.cos(7e-4)],
+        ]
+    )
+    torch.testing.assert_close(emb, expected)
+    assert timestep_embedding(torch.tensor([3]), 128).shape == (1, 128)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="attn_resolutions.*allowed: \\[8, 4\\]"):
+        UNet(image_size=8, ch=32, ch_mult=(1, 2), attn_resolutions=(16,))
+    with pytest.raises(ValueError, match="image_size=10"):
+        UNet(image_size=10, ch=32, ch_mult=(1, 2, 2), attn_resolutions=())
+    with pytest.raises(ValueError, match="expects \\(B, 3, 32, 32\\)"):
+        UNet(ch=32, ch_mult=(1, 2), attn_resolutions=())(torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))

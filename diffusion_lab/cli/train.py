@@ -24,7 +24,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # Resolve first so that a bad interpolation fails now; this is the config the run folder keeps.
-    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    # (Tests compose with the hydra node included; it is Hydra's own business and not part of the run config.)
+    run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    resolved = OmegaConf.to_container(run_cfg, resolve=True, throw_on_missing=True)
     OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
 
     if cfg.get("seed") is not None:

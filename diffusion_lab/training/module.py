@@ -6,13 +6,13 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.samplers.base import Sampler
+from diffusion_lab.training.rng import rng_state, set_rng_state
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,13 +99,13 @@ class DiffusionModule(L.LightningModule):
                 f"refusing to checkpoint non-finite weights at step {self.global_step} ({bad[:3]}...); "
                 "the previous checkpoint is left intact"
             )
-        checkpoint["rng_states"] = _collect_rng_states()
+        checkpoint["rng_states"] = rng_state()
         checkpoint["diffusion_lab"] = {"config": self.run_config}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Restoring the RNG makes a resumed run draw the same t, noise and shuffling as an uninterrupted one.
         if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
+            set_rng_state(checkpoint["rng_states"])
 
     # --- sampling ------------------------------------------------------------------------------------
     @property

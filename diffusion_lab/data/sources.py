@@ -33,6 +33,20 @@ class DigitsSource:
         return _TensorImages(images)
 
 
+class SyntheticSource:
+    """Random images of a given shape (uniform noise), for throughput benchmarks and smoke tests."""
+
+    name = "synthetic"
+
+    def __init__(self, num_images: int = 4096, channels: int = 3, image_size: int = 32, seed: int = 0) -> None:
+        self.num_images, self.channels, self.image_size, self.seed = num_images, channels, image_size, seed
+
+    def load(self) -> Dataset:
+        g = torch.Generator().manual_seed(self.seed)
+        shape = (self.num_images, self.channels, self.image_size, self.image_size)
+        return _TensorImages(torch.rand(shape, generator=g))
+
+
 class _TensorImages(Dataset):
     def __init__(self, images: torch.Tensor) -> None:
         self.images = images

@@ -8,11 +8,30 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.samplers.base import Sampler
 from diffusion_lab.training.rng import rng_state, set_rng_state
+
+
+class EMAUpdate:
+    """``ema <- decay * ema + (1 - decay) * w`` for AveragedModel's ``multi_avg_fn``.
+
+    The same maths as ``torch.optim.swa_utils.get_ema_multi_avg_fn``, as a picklable object: torch's version is a
+    closure, which ``ddp_spawn`` and other multiprocessing launchers cannot pickle.
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    @torch.no_grad()
+    def __call__(self, ema_params: list[Tensor], current_params: list[Tensor], num_averaged: Tensor) -> None:
+        if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
+            torch._foreach_lerp_(ema_params, current_params, 1 - self.decay)
+        else:
+            for p_ema, p_model in zip(ema_params, current_params):
+                p_ema.copy_(p_ema * self.decay + p_model * (1 - self.decay))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,7 +65,7 @@ class DiffusionModule(L.LightningModule):
         self.net, self.diffusion, self.sampler = net, diffusion, sampler
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.ema_decay, self.ema_start_step = ema_decay, ema_start_step
-        self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema = AveragedModel(net, multi_avg_fn=EMAUpdate(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         # A compiled view of the raw net for training; kept out of the module tree so state_dict keys stay clean.
         self.__dict__["_train_net"] = torch.compile(net) if compile else net

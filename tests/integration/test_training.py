@@ -186,3 +186,18 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     checkpoint = load_checkpoint(last)
     assert checkpoint["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_ema_under_ddp_with_two_cpu_processes(tmp_path):
+    """DDP must neither sync nor wait for the frozen EMA parameters (a reported AveragedModel failure mode)."""
+    module = tiny_module(0.9)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, digits_loader(n=32, batch=4))
+    # ddp_spawn hands rank 0's final weights back to this process
+    assert module.ema.n_averaged.item() == 3
+    assert all(not p.requires_grad for p in module.ema.parameters())
+    ema, raw = module.ema.module.state_dict(), module.net.state_dict()
+    assert all(torch.isfinite(v).all() for v in ema.values())
+    assert not torch.equal(ema["conv_in.weight"], raw["conv_in.weight"])

@@ -1,8 +1,15 @@
 """Reverse processes. Each sampler is a frozen dataclass (its fields are its config) with one ``sample`` entry."""
 
 from diffusion_lab.samplers.base import Sampler
-from diffusion_lab.samplers.ddim import DDIMSampler
+from diffusion_lab.samplers.ddim import DDIMSampler, slerp
 from diffusion_lab.samplers.ddpm import DDPMSampler
+from diffusion_lab.samplers.dpm_solver import DPMSolverSampler
+from diffusion_lab.samplers.noise import Noise, image_seed
 from diffusion_lab.samplers.timesteps import SPACINGS, timesteps
 
-__all__ = ["Sampler", "DDPMSampler", "DDIMSampler", "SPACINGS", "timesteps"]
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm_solver": DPMSolverSampler}
+
+__all__ = [
+    "Sampler", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "SAMPLERS", "SPACINGS", "Noise", "image_seed",
+    "slerp", "timesteps",
+]

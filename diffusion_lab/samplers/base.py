@@ -1,24 +1,30 @@
-"""What every sampler shares: its config, the timestep list, the loop and the progress bar."""
+"""What every sampler shares: its config, the timestep list, the loop, noise and the progress bar."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.samplers.noise import Noise
 from diffusion_lab.samplers.timesteps import timesteps
 
 NetFn = Callable[[Tensor, Tensor], Tensor]
+NoiseFn = Callable[[], Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """Base class: a frozen dataclass whose fields are the sampler's whole config. Stateless between calls."""
+    """Base class: a frozen dataclass whose fields are the sampler's whole config. Stateless between calls.
 
-    num_steps: int = 1000
+    Subclasses implement :meth:`step` (one move from ``t`` to the previous visited timestep ``t_prev``,
+    -1 after the last) or override :meth:`run` when a step needs more than the current state.
+    """
+
+    num_steps: int | None = None  # None: every one of the T training timesteps
     spacing: str = "uniform"
     clip_denoised: bool = True
     progress: bool = False
@@ -26,40 +32,52 @@ class Sampler:
     name = "base"
 
     def config(self) -> dict:
+        """The record logged with every result: the name and every field but the progress switch."""
         return {"name": self.name, **{k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}}
 
     def visited(self, diffusion: GaussianDiffusion) -> list[int]:
-        return timesteps(diffusion.num_timesteps, self.num_steps, self.spacing)
+        """The timesteps this sampler evaluates the network at, in order; its length is the NFE."""
+        T = diffusion.num_timesteps
+        return timesteps(T, T if self.num_steps is None else self.num_steps, self.spacing, diffusion.alphas_cumprod)
 
     @torch.no_grad()
     def sample(
         self,
         net: NetFn,
         diffusion: GaussianDiffusion,
-        shape: tuple[int, ...],
+        shape: Sequence[int],
         *,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
+        indices: Sequence[int] | None = None,
         device: torch.device | str | None = None,
         x_T: Tensor | None = None,
     ) -> Tensor:
-        """Draw ``shape`` samples in [-1, 1] (clipped only if ``clip_denoised``) starting from x_T ~ N(0, I)."""
-        device = torch.device(device) if device is not None else diffusion.betas.device
-        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
-        steps = self.visited(diffusion)
-        prevs = steps[1:] + [-1]
-        pairs = list(zip(steps, prevs))
-        if self.progress:
-            from rich.progress import track
+        """Draw ``shape`` samples, starting from x_T ~ N(0, I) (or the given ``x_T``).
 
-            pairs = track(pairs, description=f"{self.name} sampling", transient=True)
-        for t, t_prev in pairs:
-            x = self.step(net, diffusion, x, t, t_prev, generator)
+        Randomness comes from ``generator``, or with ``seed`` from per-image generators seeded by
+        (seed, indices[k]) so that image k is the same in any batch (indices default to 0..B-1).
+        """
+        device = torch.device(device) if device is not None else diffusion.betas.device
+        noise = Noise(shape, device, generator=generator, seed=seed, indices=indices)
+        x = noise() if x_T is None else x_T.to(device)
+        return self.run(net, diffusion, x, noise)
+
+    def run(self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, noise: NoiseFn) -> Tensor:
+        steps = self.visited(diffusion)
+        for t, t_prev in self._progress(list(zip(steps, steps[1:] + [-1]))):
+            x = self.step(net, diffusion, x, t, t_prev, noise)
         return x
 
-    def step(
-        self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, t: int, t_prev: int, generator: torch.Generator | None
-    ) -> Tensor:
+    def step(self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, t: int, t_prev: int, noise: NoiseFn) -> Tensor:
         raise NotImplementedError
+
+    def _progress(self, items: list) -> list:
+        if not self.progress:
+            return items
+        from rich.progress import track
+
+        return track(items, description=f"{self.name} ({len(items)} steps)", transient=True)  # type: ignore[return-value]
 
     @staticmethod
     def _alpha_bars(diffusion: GaussianDiffusion, t: int, t_prev: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,3 +85,7 @@ class Sampler:
         a_t = diffusion.alphas_cumprod[t]
         a_prev = diffusion.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
         return a_t.to(like.dtype), a_prev.to(like.dtype)
+
+    @staticmethod
+    def _t(x: Tensor, t: int) -> Tensor:
+        return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.gaussian import VARIANCES, GaussianDiffusion
-from diffusion_lab.samplers.base import NetFn, Sampler
+from diffusion_lab.samplers.base import NetFn, NoiseFn, Sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +27,9 @@ class DDPMSampler(Sampler):
             raise ValueError(f"unknown sampler.variance {self.variance!r}; allowed: {', '.join(VARIANCES)}")
 
     def step(
-        self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, t: int, t_prev: int, generator: torch.Generator | None
+        self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, t: int, t_prev: int, noise: NoiseFn
     ) -> Tensor:
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        t_batch = self._t(x, t)
         # 1. alpha-bars of this and the previous visited step, and the respaced beta'_t
         a_t, a_prev = self._alpha_bars(diffusion, t, t_prev, x)
         beta = 1 - a_t / a_prev
@@ -45,5 +44,4 @@ class DDPMSampler(Sampler):
             var = beta
         else:
             var = beta * (1 - a_prev) / (1 - a_t)
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return mean + var.sqrt() * z
+        return mean + var.sqrt() * noise()

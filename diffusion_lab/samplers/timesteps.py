@@ -15,17 +15,22 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from torch import Tensor
 
-SPACINGS = ("uniform", "leading", "quadratic", "trailing", "linspace")
+SPACINGS = ("uniform", "leading", "quadratic", "trailing", "linspace", "logsnr")
 
 
-def timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "uniform") -> list[int]:
+def timesteps(
+    num_train_timesteps: int, num_steps: int, spacing: str = "uniform", alphas_cumprod: Tensor | None = None
+) -> list[int]:
     """Visited timesteps, in sampling order (descending), for ``num_steps`` of a ``num_train_timesteps`` process.
 
     - ``uniform`` / ``leading``: range(0, T, T // S) (DDIM's uniform skip; diffusers' "leading" with offset 0).
     - ``quadratic``: int((linspace(0, sqrt(0.8 T), S))^2), truncated as in the DDIM code (its CIFAR-10 skip).
     - ``trailing``: round(arange(T, 0, -T / S)) - 1 (diffusers; always visits T - 1).
     - ``linspace``: round(linspace(0, T - 1, S)) (diffusers).
+    - ``logsnr``: the timesteps nearest to S points uniform in log-SNR between t = T - 1 and t = 0 (Lu et al.'s
+      DPM-Solver "logSNR" skip); needs the schedule's ``alphas_cumprod``.
     """
     T, S = int(num_train_timesteps), int(num_steps)
     if spacing not in SPACINGS:
@@ -40,8 +45,15 @@ def timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "uniform"
         steps = (np.linspace(0, math.sqrt(0.8 * T), S) ** 2).astype(np.int64)
     elif spacing == "trailing":
         steps = np.round(np.arange(T, 0, -T / S)).astype(np.int64) - 1
-    else:  # linspace
+    elif spacing == "linspace":
         steps = np.round(np.linspace(0, T - 1, S)).astype(np.int64)
+    else:  # logsnr
+        if alphas_cumprod is None or len(alphas_cumprod) != T:
+            raise ValueError("spacing='logsnr' needs the schedule's alphas_cumprod (length T)")
+        a = alphas_cumprod.double().clamp(1e-12, 1 - 1e-12)
+        half_log_snr = (0.5 * (a.log() - (1 - a).log())).cpu().numpy()
+        targets = np.linspace(half_log_snr[-1], half_log_snr[0], S)
+        steps = np.abs(half_log_snr[None, :] - targets[:, None]).argmin(axis=1)
     unique = sorted({int(s) for s in steps}, reverse=True)
     if unique[-1] < 0 or unique[0] > T - 1:
         raise ValueError(f"spacing={spacing!r} produced timesteps outside [0, {T - 1}]: {unique}")

@@ -127,7 +127,7 @@ def test_cifar10_experiment_is_the_paper_recipe(compose_cfg):
     assert cfg.model.optimizer.lr == 2e-4 and list(cfg.model.optimizer.betas) == [0.9, 0.999]
     assert cfg.model.lr_scheduler.warmup_steps == 5000 and cfg.model.ema_decay == 0.9999
     assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.max_steps == 800_000
-    assert cfg.sampler.variance == "fixed_large" and cfg.sampler.num_steps == 1000
+    assert cfg.sampler.variance == "fixed_large" and cfg.sampler.num_steps is None  # None: all T = 1000 steps
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,55 @@
+"""DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2) on the discrete-time DDPM model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.samplers.base import NetFn, NoiseFn, Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverSampler(Sampler):
+    """Second-order multistep solver of the diffusion ODE in data-prediction form.
+
+    Symbols: alpha_t = sqrt(alpha-bar_t), sigma_t = sqrt(1 - alpha-bar_t), lambda_t = log(alpha_t / sigma_t),
+    h_i = lambda_{t_i} - lambda_{t_{i-1}}. With D_i the model's x_0 prediction at t_i:
+    first order  x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_{i-1};
+    second order replaces D_{i-1} by (1 + 1/(2 r)) D_{i-1} - 1/(2 r) D_{i-2}, r = h_{i-1} / h_i.
+    The last step goes to sigma = 0 and is first order (it returns the final x_0 prediction), as in diffusers.
+    The default ``logsnr`` spacing (steps uniform in lambda from t = T - 1 to t = 0) is the one the step size h
+    is measured in; on Gaussian data it reaches at 10 NFE the accuracy DDIM has at 100 (tests/unit).
+    """
+
+    num_steps: int | None = 20
+    spacing: str = "logsnr"
+    name = "dpm_solver"
+
+    def run(self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, noise: NoiseFn) -> Tensor:
+        steps = self.visited(diffusion)
+        ac = diffusion.alphas_cumprod.to(x.dtype)
+        alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
+        lam = torch.log(alpha) - torch.log(sigma)
+        x0_prev: Tensor | None = None
+        h_prev: Tensor | None = None
+        for i in self._progress(list(range(len(steps)))):
+            t = steps[i]
+            # 1. data prediction D_i at the current timestep
+            x0 = diffusion.predict_x0_eps(net(x, self._t(x, t)), x, self._t(x, t), clip_x0=self.clip_denoised)[0]
+            if i == len(steps) - 1:
+                return x0  # 4. sigma_next = 0: the update reduces to x = D_i (first order)
+            s = steps[i + 1]
+            # 2. step size in log-SNR
+            h = lam[s] - lam[t]
+            # 3. first-order (DDIM-equivalent) or second-order multistep update
+            if x0_prev is None:
+                d = x0
+            else:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (sigma[s] / sigma[t]) * x - alpha[s] * torch.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        return x

@@ -58,7 +58,8 @@ class GaussianDiffusion(nn.Module):
                 "(alpha_bar_T = 0); use prediction_type=v (Lin et al. 2023, section 3.2)"
             )
         self.num_timesteps = num_timesteps
-        self.schedule = schedule
+        self.schedule, self.beta_start, self.beta_end = schedule, beta_start, beta_end
+        self.zero_terminal_snr = zero_terminal_snr
         self.prediction_type = prediction_type
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = min_snr_gamma

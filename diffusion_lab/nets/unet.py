@@ -28,6 +28,7 @@ class UNetConfig:
     attn_resolutions: tuple[int, ...] = (16,)  # spatial sizes that get self-attention
     dropout: float = 0.1  # 0.1 on CIFAR-10; the 256x256 models use 0.0
     resamp_with_conv: bool = True
+    downsample_padding: int = 0  # 0: TF "SAME" (pad right/bottom), as the original; 1: symmetric (diffusers' default)
     num_heads: int = 1  # the original network uses single-head attention
     norm_groups: int = 32
     norm_eps: float = 1e-6  # tf.contrib.layers.group_norm's epsilon
@@ -50,6 +51,8 @@ class UNetConfig:
                 f"model.net.attn_resolutions={list(self.attn_resolutions)} includes {bad}, which this network never "
                 f"visits; allowed: {list(resolutions)}"
             )
+        if self.downsample_padding not in (0, 1):
+            raise ValueError(f"model.net.downsample_padding must be 0 or 1, got {self.downsample_padding}")
         for width in [self.ch * m for m in self.ch_mult]:
             if width % self.norm_groups or width % self.num_heads:
                 raise ValueError(
@@ -123,15 +126,18 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int, with_conv: bool) -> None:
+    def __init__(self, ch: int, with_conv: bool, padding: int = 0) -> None:
         super().__init__()
-        self.conv = _init(nn.Conv2d(ch, ch, 3, stride=2)) if with_conv else None
+        self.padding = padding
+        self.conv = _init(nn.Conv2d(ch, ch, 3, stride=2, padding=padding)) if with_conv else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.conv is None:
             return F.avg_pool2d(x, 2)
-        # TF's "SAME" padding for a stride-2 3x3 conv on an even size pads one pixel on the right/bottom only.
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        if self.padding == 0:
+            # TF's "SAME" padding for a stride-2 3x3 conv on an even size pads one pixel on the right/bottom only.
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
 
 
 class Upsample(nn.Module):
@@ -167,7 +173,8 @@ class UNet(nn.Module):
                 width = ch * mult
                 stage.attns.append(AttnBlock(cfg, width) if res in cfg.attn_resolutions else nn.Identity())
                 skip_widths.append(width)
-            stage.downsample = Downsample(width, cfg.resamp_with_conv) if level < len(cfg.ch_mult) - 1 else None
+            last = level == len(cfg.ch_mult) - 1
+            stage.downsample = None if last else Downsample(width, cfg.resamp_with_conv, cfg.downsample_padding)
             if stage.downsample is not None:
                 skip_widths.append(width)
             self.down.append(stage)

@@ -1,0 +1,75 @@
+"""The noise-schedule config a pipeline carries, in diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` vocabulary.
+
+It turns into this project's :class:`GaussianDiffusion` (the maths) and reads/writes
+``scheduler/scheduler_config.json`` so that folders load in diffusers and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+
+# diffusers name <-> this project's name
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine", "sigmoid": "sigmoid"}
+PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    variance_type: str = "fixed_large"  # DDPM sampling; Ho et al.'s CIFAR-10 setting (diffusers defaults to small)
+    clip_sample: bool = True
+    timestep_spacing: str = "leading"
+    rescale_betas_zero_snr: bool = False
+
+    def __post_init__(self) -> None:
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule={self.beta_schedule!r} is not supported; allowed: {list(BETA_SCHEDULES)}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={self.prediction_type!r} is not supported; allowed: {list(PREDICTION_TYPES)}")
+        if self.variance_type not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"variance_type={self.variance_type!r} is not supported; allowed: fixed_small, fixed_large")
+
+    def diffusion(self) -> GaussianDiffusion:
+        return GaussianDiffusion(
+            num_timesteps=self.num_train_timesteps,
+            schedule=BETA_SCHEDULES[self.beta_schedule],
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            zero_terminal_snr=self.rescale_betas_zero_snr,
+            prediction_type=PREDICTION_TYPES[self.prediction_type],
+        )
+
+    @classmethod
+    def from_diffusion(cls, diffusion: GaussianDiffusion, **kwargs: Any) -> "SchedulerConfig":
+        schedule = {v: k for k, v in BETA_SCHEDULES.items()}[diffusion.schedule]
+        prediction = {v: k for k, v in PREDICTION_TYPES.items()}[diffusion.prediction_type]
+        return cls(num_train_timesteps=diffusion.num_timesteps, beta_schedule=schedule,
+                   beta_start=diffusion.beta_start, beta_end=diffusion.beta_end,
+                   prediction_type=prediction, rescale_betas_zero_snr=diffusion.zero_terminal_snr, **kwargs)
+
+    def save(self, folder: str | Path, class_name: str) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        payload = {"_class_name": class_name, "_diffusers_version": "0.30.0", **dataclasses.asdict(self),
+                   "set_alpha_to_one": True, "steps_offset": 0, "trained_betas": None}
+        (folder / "scheduler_config.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "SchedulerConfig":
+        path = Path(folder) / "scheduler_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: not a diffusers scheduler folder")
+        raw = json.loads(path.read_text())
+        if raw.get("trained_betas") is not None:
+            raise ValueError(f"{path}: trained_betas (explicit beta arrays) are not supported")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in fields})

@@ -1,5 +1,6 @@
 """When to sample and evaluate during training (how is owned by samplers/ and metrics/)."""
 
+from diffusion_lab.callbacks.evaluation import FIDEvaluation
 from diffusion_lab.callbacks.sample_grid import SampleGrid
 
-__all__ = ["SampleGrid"]
+__all__ = ["FIDEvaluation", "SampleGrid"]

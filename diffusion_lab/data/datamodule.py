@@ -62,11 +62,15 @@ class _Transformed(Dataset):
 
 
 class DiffusionDataModule(L.LightningDataModule):
-    """Training images in [-1, 1], shape (channels, image_size, image_size), from any source."""
+    """Training images in [-1, 1], shape (channels, image_size, image_size), from any source.
+
+    ``name`` identifies the data set in reference-statistics caches and reports.
+    """
 
     def __init__(
         self,
         source: Any,
+        name: str = "data",
         image_size: int = 32,
         channels: int = 3,
         batch_size: int = 128,
@@ -80,7 +84,7 @@ class DiffusionDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise DataError(f"data.batch_size must be >= 1, got {batch_size}")
-        self.source, self.batch_size, self.num_workers = source, batch_size, num_workers
+        self.source, self.name, self.batch_size, self.num_workers = source, name, batch_size, num_workers
         self.limit, self.pin_memory, self.drop_last = limit, pin_memory, drop_last
         self.transform = ImageTransform(image_size, channels, hflip=hflip, center_crop=center_crop)
         self.train_set: Dataset | None = None

@@ -1,0 +1,113 @@
+"""An evaluation grid (samplers x steps) as a FID report: JSON with everything, a Markdown table laid out like
+DDIM's Table 1 (paper numbers beside ours where published), and a plot of FID against network evaluations."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from diffusion_lab.reports.paper import PAPER_FID
+
+
+def row_key(sampler: dict[str, Any]) -> tuple:
+    """The table row of a sampler config: ("ddim", eta), ("ddpm", variance) or ("dpm_solver", None)."""
+    name = sampler["name"]
+    if name == "ddim":
+        return ("ddim", float(sampler["eta"]))
+    if name == "ddpm":
+        return ("ddpm", sampler["variance"])
+    return (name, None)
+
+
+def row_label(key: tuple) -> str:
+    name, value = key
+    if name == "ddim":
+        return f"DDIM eta={value:g}"
+    if name == "ddpm":
+        return "DDPM fixed_large (sigma-hat)" if value == "fixed_large" else "DDPM fixed_small"
+    return {"dpm_solver": "DPM-Solver++(2M)"}.get(name, name)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cells = report["cells"]
+    steps = sorted({c["sampler"]["num_steps"] for c in cells})
+    order = [("ddim", 0.0), ("ddim", 0.2), ("ddim", 0.5), ("ddim", 1.0), ("ddpm", "fixed_large"), ("ddpm", "fixed_small")]
+    rows = sorted({row_key(c["sampler"]) for c in cells}, key=lambda k: (order.index(k) if k in order else 99, str(k)))
+    paper = PAPER_FID.get(report.get("data", ""), {})
+    by = {(row_key(c["sampler"]), c["sampler"]["num_steps"]): c for c in cells}
+    lines = [
+        f"# FID report: {report['checkpoint']['path']}",
+        "",
+        f"{report['num_samples']:,} samples per cell (seed {report['seed']}) against {report['reference']['num_images']:,} "
+        f"images of {report['data']} ({report['reference']['key']['split']} split), features: {report['extractor']}. "
+        f"Checkpoint sha256 {report['checkpoint']['sha256'][:16]}. Wall time {report['wall_seconds']:.0f} s.",
+        "",
+    ]
+    for metric, title in (("fid", "FID (lower is better)"), ("is", "IS (higher is better)")):
+        if not any(metric in c["metrics"] for c in cells):
+            continue
+        lines += [f"## {title}" + (" - ours (paper)" if paper and metric == "fid" else ""), "",
+                  "| sampler \\ S | " + " | ".join(str(s) for s in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for key in rows:
+            out = []
+            for s in steps:
+                cell = by.get((key, s))
+                if cell is None:
+                    out.append("")
+                    continue
+                text = f"{cell['metrics'][metric]:.2f}"
+                published = paper.get(key, {}).get(s) if metric == "fid" else None
+                out.append(f"{text} ({published:.2f})" if published is not None else text)
+            lines.append(f"| {row_label(key)} | " + " | ".join(out) + " |")
+        lines.append("")
+    lines += ["S is the requested number of steps; the network evaluations (NFE) of each cell are in report.json.",
+              f"Samplers' spacing: {sorted({c['sampler']['spacing'] for c in cells})}.", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    series: dict[tuple, list[tuple[int, float]]] = {}
+    for c in report["cells"]:
+        if "fid" in c["metrics"]:
+            series.setdefault(row_key(c["sampler"]), []).append((c["nfe"], c["metrics"]["fid"]))
+    for key, points in sorted(series.items(), key=lambda kv: str(kv[0])):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=row_label(key))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel("FID")
+    ax.set_title(f"FID vs NFE - {report['data']}, {report['num_samples']:,} samples")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """report.json, report.md and fid_vs_nfe.png in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "plot": out_dir / "fid_vs_nfe.png"}
+    write_json_atomic(paths["json"], report)
+    paths["markdown"].write_text(markdown(report))
+    plot(report, paths["plot"])
+    return paths

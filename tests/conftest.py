@@ -13,6 +13,10 @@ import torch
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# The digits classifier and reference statistics are cached per test session, not in the user's home.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("DIFFUSION_LAB_CACHE", tempfile.mkdtemp(prefix="diffusion_lab_cache_"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -27,6 +31,9 @@ TINY = [
     "sampler=ddim",
     "sampler.num_steps=5",
     "callbacks.sample_grid.num_images=4",
+    "callbacks.fid.num_samples=64",
+    "callbacks.fid.batch_size=64",
+    "callbacks.fid.on_train_end=false",
     "~callbacks.progress_bar",
     "~callbacks.model_summary",
     "trainer.enable_progress_bar=false",
@@ -84,3 +91,27 @@ def hf_cifar_like(tmp_path: Path) -> Path:
     path = tmp_path / "cifar10_local"
     ds.save_to_disk(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory):
+    """A short real digits run (the trained checkpoint every sampler is tried on)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from diffusion_lab.cli.train import train
+
+    out = tmp_path_factory.mktemp("digits_run")
+    GlobalHydra.instance().clear()
+    with initialize_config_module("diffusion_lab.conf", version_base="1.3"):
+        cfg = compose("train", overrides=TINY + ["trainer.max_steps=60", "callbacks.sample_grid.every_n_steps=0"],
+                      return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.paths.log_dir = str(out.parent)
+    HydraConfig.instance().set_config(cfg)
+    train(cfg)
+    GlobalHydra.instance().clear()
+    return out / "checkpoints" / "last.ckpt"

@@ -49,6 +49,11 @@ class FIDEvaluation(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before any training: missing Inception weights or a mismatched reference fail now, not after an hour.
+        # fork_rng: building networks draws random initial weights; the training RNG stream must not notice.
+        with torch.random.fork_rng(devices=[]):
+            self._setup(trainer)
+
+    def _setup(self, trainer: L.Trainer) -> None:
         self.extractor = make_extractor(self.feature_extractor, self.inception_weights)
         if trainer.is_global_zero:
             self.reference = get_reference(trainer.datamodule, self.dataset_name, self.split, self.feature_extractor,

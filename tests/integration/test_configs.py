@@ -98,8 +98,8 @@ def stand_in(option: str, tmp_path: Path) -> list[str]:
 
     from tests.conftest import make_images
 
-    if option == "digits":
-        return []
+    if option == "digits":  # its run evaluates FID at the end: keep that small too
+        return ["callbacks.fid.num_samples=32", "callbacks.fid.batch_size=32"]
     size, column = ((32, 32), "img") if option == "ddpm_cifar10" else ((300, 270), "image")
     features = datasets.Features({column: datasets.Image()})
     path = tmp_path / f"{option}_local"

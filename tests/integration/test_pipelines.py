@@ -110,31 +110,6 @@ def test_pipeline_to_device_and_ddim_eta(small_pipeline):
     assert not np.allclose(a, b)
 
 
-@pytest.fixture(scope="module")
-def digits_checkpoint(tmp_path_factory):
-    """A short real digits run (the trained checkpoint every sampler is tried on)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from diffusion_lab.cli.train import train
-    from tests.conftest import TINY
-
-    out = tmp_path_factory.mktemp("digits_run")
-    GlobalHydra.instance().clear()
-    with initialize_config_module("diffusion_lab.conf", version_base="1.3"):
-        cfg = compose("train", overrides=TINY + ["trainer.max_steps=60", "callbacks.sample_grid.every_n_steps=0"],
-                      return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.paths.log_dir = str(out.parent)
-    HydraConfig.instance().set_config(cfg)
-    train(cfg)
-    GlobalHydra.instance().clear()
-    return out / "checkpoints" / "last.ckpt"
-
-
 def test_pipeline_from_training_checkpoint_uses_ema(digits_checkpoint):
     from diffusion_lab.training.checkpoints import load_module
 

@@ -86,10 +86,11 @@ class FIDEvaluation(L.Callback):
         self.history.append({"step": trainer.global_step, **scores})
         names = {"fid": "val/fid", "is": "val/is", "kid": "val/kid"}
         values = {names[k]: v for k, v in scores.items() if k in names}
-        if log:
+        if log:  # for ModelCheckpoint(monitor="val/fid") and the returned metrics; self.log is not allowed at the end
             for name, value in values.items():
-                pl_module.log(name, value, sync_dist=False, rank_zero_only=False)
-        else:  # on_train_end: self.log is not allowed there; write to the loggers directly
+                pl_module.log(name, value, sync_dist=False, rank_zero_only=False, logger=False)
+        # Straight to the loggers: self.log would only reach them on steps that are multiples of log_every_n_steps.
+        if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
         return scores

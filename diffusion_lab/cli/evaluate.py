@@ -23,9 +23,11 @@ from diffusion_lab.metrics.evaluate import evaluate, library_versions
 from diffusion_lab.metrics.extractors import make_extractor
 from diffusion_lab.metrics.fidelity import MetricsConfig
 from diffusion_lab.metrics.reference import get_reference
-from diffusion_lab.reports.fid_report import write_json_atomic, write_report
+from diffusion_lab.reports.fid_report import log_to_wandb, write_report
+from diffusion_lab.utils.io import write_json_atomic
 from diffusion_lab.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
 from diffusion_lab.samplers.base import Sampler
+from diffusion_lab.training.checkpoints import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,19 @@ def grid(cfg: DictConfig, T: int) -> list[Sampler]:
     full = [T] if g.get("full_steps") else []
     for eta in g.get("ddim_eta") or []:
         steps = list(g.ddim_steps) + (full if eta == 0.0 else [])
-        cells += [DDIMSampler(num_steps=s, eta=float(eta), spacing=spacing) for s in steps]
+        cells += [DDIMSampler(num_steps=s, eta=float(eta), spacing=spacing,
+                              clip_denoised=bool(g.get("ddim_clip_denoised", False))) for s in steps]
     for variance in g.get("ddpm_variance") or []:
         cells += [DDPMSampler(num_steps=s, variance=variance, spacing=spacing) for s in list(g.ddpm_steps) + full]
     cells += [DPMSolverSampler(num_steps=s) for s in g.get("dpm_solver_steps") or []]
     return cells
+
+
+def checkpoint_config(ckpt: Path) -> dict[str, Any] | None:
+    """The resolved training config stored in a training checkpoint (None for a pipeline folder)."""
+    if not ckpt.is_file():
+        return None
+    return (load_checkpoint(ckpt).get("diffusion_lab") or {}).get("config")
 
 
 def resolve_extractor(cfg: DictConfig) -> str:
@@ -61,6 +71,9 @@ def resolve_extractor(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if cfg.ckpt is not None and not cfg.build_reference and not Path(cfg.ckpt).exists():
+        raise FileNotFoundError(f"ckpt={cfg.ckpt!r} does not exist; pass a training checkpoint (.ckpt) or a "
+                                "diffusers-layout pipeline folder")
     extractor_name = resolve_extractor(cfg)
     metrics = MetricsConfig(**cfg.metrics)
     # Fail before any sampling: weights of the feature extractor, then the reference statistics.
@@ -78,6 +91,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
     ckpt = Path(cfg.ckpt)
     net, diffusion = load_model(ckpt, cfg.use_ema, device)
+    run_config = checkpoint_config(ckpt)
     out = Path(cfg.out) if cfg.out else (ckpt.resolve().parent.parent / "eval")
     meta = {"checkpoint": {"path": str(cfg.ckpt), "sha256": sha256(ckpt), "use_ema": cfg.use_ema},
             "data": cfg.data.name, "extractor": extractor_name, "num_samples": cfg.num_samples, "seed": cfg.seed,
@@ -111,6 +125,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             log.info("%s: %s", sampler.config(), {k: round(v, 3) for k, v in cell["metrics"].items()})
     paths = write_report(report, out)
     log.info("report: %s", ", ".join(str(p) for p in paths.values()))
+    if cfg.wandb.enabled:
+        task = (run_config or {}).get("task_name") or ckpt.stem
+        run_dir = log_to_wandb(report, paths, cfg.wandb.project, group=task, name=f"{task}/eval",
+                               offline=cfg.wandb.offline)
+        log.info("W&B run: %s", run_dir)
     return report
 
 

@@ -4,25 +4,54 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.config import validate_config
 from diffusion_lab.training.checkpoints import resolve_ckpt_path
+from diffusion_lab.training.run_status import RunStatus
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train one run described by ``cfg``; returns the final logged metrics as floats."""
-    validate_config(cfg)
+    """Train one run described by ``cfg``; returns the final logged metrics as floats.
+
+    ``<run folder>/status.json`` records running / completed / failed (with the error) and the wall time.
+    """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    status = RunStatus(output_dir, _task_overrides(cfg)) if rank_zero_only.rank == 0 else None
+    if status:
+        status.start()
+    try:
+        metrics = _train(cfg, output_dir)
+    except BaseException as error:
+        if status:
+            status.fail(error)
+        raise
+    if status:
+        status.finish(metrics)
+    return metrics
+
+
+def _task_overrides(cfg: DictConfig) -> list[str]:
+    overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
+    if overrides is None and HydraConfig.initialized():
+        overrides = HydraConfig.get().overrides.task
+    return [str(o) for o in overrides or []]
+
+
+def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    validate_config(cfg)
     # Resolve first so that a bad interpolation fails now; this is the config the run folder keeps.
     # (Tests compose with the hydra node included; it is Hydra's own business and not part of the run config.)
     run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
@@ -46,6 +75,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:  # the resolved config: W&B's run config, TensorBoard's hparams, the CSV's hparams.yaml
+        logger.log_hyperparams(resolved)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, output_dir)
     if ckpt_path:
         log.info("Resuming from %s", ckpt_path)
@@ -64,11 +95,38 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> DictConfig:
+    """The config ``diffusion-lab-train <overrides>`` would run, for notebooks and scripts: ``train(cfg)`` runs it.
+
+    Its run folder is ``output_dir`` (default: runs/<task>/<date>_<time>, as on the command line).
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("diffusion_lab.conf", version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir) if output_dir is not None else cfg.hydra.run.dir
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 @hydra.main(version_base="1.3", config_path="pkg://diffusion_lab.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     name = cfg.get("optimized_metric")
-    return metrics.get(name) if name else None
+    if not name:
+        return None
+    if name not in metrics:  # a sweeper would record a failed trial with a puzzling message; say what is missing
+        message = (f"optimized_metric={name!r} was not logged by this run (logged: {', '.join(sorted(metrics))}). "
+                   "val/* metrics need callbacks=eval with callbacks.fid.every_n_steps dividing trainer.max_steps.")
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise KeyError(message)
+        log.warning(message)
+        return None
+    return metrics[name]
 
 
 if __name__ == "__main__":

@@ -1,1 +1,3 @@
-"""Hydra config groups, shipped inside the package (``pkg://diffusion_lab.conf``)."""
+"""Hydra configs (a package so the wheel ships them; Hydra imports it to compose ``pkg://diffusion_lab.conf``)."""
+
+import diffusion_lab.resolvers  # noqa: F401  (registers ${run_group:...} and ${run_name:...})

@@ -4,11 +4,11 @@ DDIM's Table 1 (paper numbers beside ours where published), and a plot of FID ag
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from diffusion_lab.reports.paper import PAPER_FID
+from diffusion_lab.utils.io import save_figure_atomic, write_json_atomic
 
 
 def row_key(sampler: dict[str, Any]) -> tuple:
@@ -28,12 +28,6 @@ def row_label(key: tuple) -> str:
     if name == "ddpm":
         return "DDPM fixed_large (sigma-hat)" if value == "fixed_large" else "DDPM fixed_small"
     return {"dpm_solver": "DPM-Solver++(2M)"}.get(name, name)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -96,10 +90,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
@@ -111,3 +102,34 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     paths["markdown"].write_text(markdown(report))
     plot(report, paths["plot"])
     return paths
+
+
+def log_to_wandb(report: dict[str, Any], paths: dict[str, Path], project: str = "diffusion_lab",
+                 group: str | None = None, name: str | None = None, offline: bool = True) -> str:
+    """Log a FID report as its own W&B run (job_type "eval"): every cell as a table row, the FID-vs-NFE plot,
+    the best FID per sampler row in the summary, and report.json/.md as an "evaluation" artifact.
+    Offline unless ``offline=False`` (the run lands under ``<report folder>/wandb``). Returns the run's folder."""
+    import wandb
+
+    run = wandb.init(project=project, group=group, name=name, job_type="eval", dir=str(paths["json"].parent),
+                     mode="offline" if offline else "online", reinit="finish_previous",
+                     config={k: v for k, v in report.items() if k != "cells"})
+    try:
+        metric_names = sorted({m for c in report["cells"] for m in c["metrics"]})
+        table = wandb.Table(columns=["sampler", "S", "NFE", *metric_names, "seconds", "config"])
+        for cell in report["cells"]:
+            table.add_data(row_label(row_key(cell["sampler"])), cell["sampler"]["num_steps"], cell["nfe"],
+                           *[cell["metrics"].get(m) for m in metric_names], cell["seconds"],
+                           json.dumps(cell["sampler"], sort_keys=True))
+        run.log({"eval/cells": table, "eval/fid_vs_nfe": wandb.Image(str(paths["plot"]))})
+        for cell in report["cells"]:
+            if "fid" in cell["metrics"]:
+                key = f"eval/best_fid/{row_label(row_key(cell['sampler']))}"
+                run.summary[key] = min(run.summary.get(key, float("inf")), cell["metrics"]["fid"])
+        artifact = wandb.Artifact(f"fid-report-{report['checkpoint']['sha256'][:12]}", type="evaluation")
+        artifact.add_file(str(paths["json"]))
+        artifact.add_file(str(paths["markdown"]))
+        run.log_artifact(artifact)
+        return run.dir
+    finally:
+        run.finish()

@@ -1,0 +1,36 @@
+"""OmegaConf resolvers the configs use. Registered when ``diffusion_lab.conf`` is imported, which Hydra does
+whenever it composes these configs (``pkg://diffusion_lab.conf``), so they exist in every entry point and test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+
+def run_group(task_name: str) -> str:
+    """``${run_group:${task_name}}``: the task name, plus the sweep folder's name inside a multirun, so the runs
+    of one sweep share a W&B group."""
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return f"{task_name}/{Path(hydra_cfg.sweep.dir).name}"
+    return task_name
+
+
+def run_name(task_name: str) -> str:
+    """``${run_name:${task_name}}``: <task>/<run folder name>, or <task>/<sweep folder>/<job number> in a multirun."""
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return f"{run_group(task_name)}/{hydra_cfg.job.num}"
+        if hydra_cfg.runtime.output_dir:
+            return f"{task_name}/{Path(hydra_cfg.runtime.output_dir).name}"
+    return task_name
+
+
+for _name, _resolver in (("run_group", run_group), ("run_name", run_name)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)

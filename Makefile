@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The default run: a DDPM on the embedded 8x8 digits, ~10 minutes on a 2-core CPU. Extra Hydra overrides: ARGS="..."
+## The default run: a DDPM on the embedded 8x8 digits, ~12 minutes on a 2-core CPU. Extra Hydra overrides: ARGS="..."
 train: $(STAMP)
 	$(BIN)/diffusion-lab-train $(ARGS)
 

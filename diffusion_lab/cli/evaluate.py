@@ -24,10 +24,10 @@ from diffusion_lab.metrics.extractors import make_extractor
 from diffusion_lab.metrics.fidelity import MetricsConfig
 from diffusion_lab.metrics.reference import get_reference
 from diffusion_lab.reports.fid_report import log_to_wandb, write_report
-from diffusion_lab.utils.io import write_json_atomic
 from diffusion_lab.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
 from diffusion_lab.samplers.base import Sampler
 from diffusion_lab.training.checkpoints import load_checkpoint
+from diffusion_lab.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,6 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
     ckpt = Path(cfg.ckpt)
     net, diffusion = load_model(ckpt, cfg.use_ema, device)
-    run_config = checkpoint_config(ckpt)
     out = Path(cfg.out) if cfg.out else (ckpt.resolve().parent.parent / "eval")
     meta = {"checkpoint": {"path": str(cfg.ckpt), "sha256": sha256(ckpt), "use_ema": cfg.use_ema},
             "data": cfg.data.name, "extractor": extractor_name, "num_samples": cfg.num_samples, "seed": cfg.seed,
@@ -126,7 +125,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     paths = write_report(report, out)
     log.info("report: %s", ", ".join(str(p) for p in paths.values()))
     if cfg.wandb.enabled:
-        task = (run_config or {}).get("task_name") or ckpt.stem
+        task = (checkpoint_config(ckpt) or {}).get("task_name") or ckpt.stem
         run_dir = log_to_wandb(report, paths, cfg.wandb.project, group=task, name=f"{task}/eval",
                                offline=cfg.wandb.offline)
         log.info("W&B run: %s", run_dir)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lab.metrics import MetricsConfig, ReferenceMismatchError, WeightsError, compute_metrics, extract
+from diffusion_lab.metrics import ReferenceMismatchError, WeightsError, extract
 from diffusion_lab.metrics.extractors import INCEPTION_WEIGHTS_NAME, inception_weights_path, make_extractor
 from diffusion_lab.metrics.reference import get_reference, reference_key, reference_path
 

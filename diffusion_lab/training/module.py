@@ -157,4 +157,5 @@ class DiffusionModule(L.LightningModule):
             ]
         finally:
             net.train(was_training)
-        return torch.cat(chunks)
+        # Images, so in [-1, 1] (what a save or a metric would do anyway; unclipped samplers can overshoot).
+        return torch.cat(chunks).clamp(-1, 1)

@@ -65,6 +65,14 @@ def compose_cfg(tmp_path: Path) -> Callable:
     GlobalHydra.instance().clear()
 
 
+def eval_command(ckpt: Path, out: Path, data_dir: Path, *overrides: str) -> list[str]:
+    """``diffusion-lab-eval`` on ``ckpt`` writing its report to ``out``, reference statistics under ``data_dir``."""
+    import sys
+
+    return [sys.executable, "-m", "diffusion_lab.cli.evaluate", f"ckpt={ckpt}", f"out={out}",
+            f"paths.data_dir={data_dir}", *overrides]
+
+
 def make_images(n: int, size: tuple[int, int], mode: str = "RGB", seed: int = 0):
     """n random PIL images (a deterministic mix of gradients and noise)."""
     import numpy as np

@@ -71,9 +71,12 @@ def resolve_extractor(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if cfg.ckpt is not None and not cfg.build_reference and not Path(cfg.ckpt).exists():
-        raise FileNotFoundError(f"ckpt={cfg.ckpt!r} does not exist; pass a training checkpoint (.ckpt) or a "
-                                "diffusers-layout pipeline folder")
+    evaluating = cfg.ckpt is not None and not cfg.build_reference
+    if evaluating:  # first: a bad ckpt fails in a second, before any reference statistics are built
+        from diffusion_lab.cli.sample import load_model
+
+        ckpt = Path(cfg.ckpt)
+        net, diffusion = load_model(ckpt, cfg.use_ema, device)
     extractor_name = resolve_extractor(cfg)
     metrics = MetricsConfig(**cfg.metrics)
     # Fail before any sampling: weights of the feature extractor, then the reference statistics.
@@ -84,13 +87,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
                               need_features=metrics.kid, rebuild=cfg.build_reference,
                               inception_weights=cfg.inception_weights, device=device)
     log.info("reference statistics: %s (%d images)", reference["path"], reference["num_images"])
-    if cfg.build_reference or cfg.ckpt is None:
+    if not evaluating:
         return None
 
-    from diffusion_lab.cli.sample import load_model
-
-    ckpt = Path(cfg.ckpt)
-    net, diffusion = load_model(ckpt, cfg.use_ema, device)
     out = Path(cfg.out) if cfg.out else (ckpt.resolve().parent.parent / "eval")
     meta = {"checkpoint": {"path": str(cfg.ckpt), "sha256": sha256(ckpt), "use_ema": cfg.use_ema},
             "data": cfg.data.name, "extractor": extractor_name, "num_samples": cfg.num_samples, "seed": cfg.seed,

@@ -49,6 +49,18 @@ def load_reference(path: Path, key: dict[str, Any], need_features: bool = False)
     return saved
 
 
+def reference_from_features(features: torch.Tensor, keep_features: int | None = None) -> dict[str, Any]:
+    """A reference of a feature set: float64 mu and sigma of all of it, and (for KID) the features themselves,
+    a fixed random subset of ``keep_features`` when there are more."""
+    stats = statistics(features)
+    keep = features
+    if keep_features is not None and len(features) > keep_features:
+        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:keep_features]
+        keep = features[order]
+    return {"num_images": len(features), "mu": torch.from_numpy(stats["mu"]),
+            "sigma": torch.from_numpy(stats["sigma"]), "features": keep}
+
+
 def build_reference(datamodule: Any, key: dict[str, Any], path: Path, extractor_name: str,
                     inception_weights: str | None = None, keep_features: int = 10_000, device: str = "cpu",
                     batch_size: int = 256) -> dict:
@@ -63,13 +75,8 @@ def build_reference(datamodule: Any, key: dict[str, Any], path: Path, extractor_
         features, logits = extract(extractor, (to_uint8(batch) for batch in loader), device)
     finally:
         dataset.transform.hflip = flip
-    stats = statistics(features)
-    keep = features
-    if len(features) > keep_features:
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:keep_features]
-        keep = features[order]
-    saved = {"key": key, "num_images": len(features), "mu": torch.from_numpy(stats["mu"]),
-             "sigma": torch.from_numpy(stats["sigma"]), "features": keep.float()}
+    saved = {"key": key, **reference_from_features(features, keep_features)}
+    saved["features"] = saved["features"].float()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     torch.save(saved, tmp)

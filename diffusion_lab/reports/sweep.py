@@ -74,8 +74,7 @@ def collect_runs(folder: str | Path) -> list[dict[str, Any]]:
         best, best_step = {}, {}
         for key, values in history.items():
             pick = max if higher_is_better(key) else min
-            step, value = pick(values, key=lambda sv: sv[1])[0], pick(v for _, v in values)
-            best[key], best_step[key] = value, step
+            best_step[key], best[key] = pick(values, key=lambda sv: sv[1])
         state = (status or {}).get("status") or ("unknown (no status.json)" if history else "no record")
         runs.append({
             "job": run_dir.name, "path": str(run_dir), "overrides": read_overrides(run_dir, status),

@@ -26,8 +26,8 @@ def _now() -> str:
 class RunStatus:
     def __init__(self, output_dir: str | Path, overrides: list[str] | None = None) -> None:
         self.path = Path(output_dir) / FILENAME
-        self._start = time.perf_counter()
-        self.record: dict[str, Any] = {"status": "running", "started_at": _now(), "finished_at": None,
+        self._start = 0.0  # set by start()
+        self.record: dict[str, Any] = {"status": "running", "started_at": None, "finished_at": None,
                                        "wall_seconds": None, "host": socket.gethostname(),
                                        "overrides": list(overrides or []), "error": None, "traceback": None}
 

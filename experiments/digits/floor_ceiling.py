@@ -12,14 +12,9 @@ from __future__ import annotations
 import torch
 
 from diffusion_lab.data.sources import DigitsSource
-from diffusion_lab.metrics import MetricsConfig, compute_metrics, extract, statistics
+from diffusion_lab.metrics import MetricsConfig, compute_metrics, extract, reference_from_features
 from diffusion_lab.metrics.extractors import make_extractor
 from diffusion_lab.utils.images import to_uint8
-
-
-def reference_of(features: torch.Tensor) -> dict:
-    stats = statistics(features)
-    return {"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"]), "features": features}
 
 
 def main() -> None:
@@ -30,14 +25,14 @@ def main() -> None:
     perm = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
     a, b = perm[: len(perm) // 2], perm[len(perm) // 2:]
     rows = {
-        "real digits, all 1,797 (IS only)": compute_metrics(features, logits, reference_of(features), config),
-        "real half (898) vs the other half (899)": compute_metrics(features[a], logits[a], reference_of(features[b]), config),
+        "real digits, all 1,797 (IS only)": compute_metrics(features, logits, reference_from_features(features), config),
+        "real half (898) vs the other half (899)": compute_metrics(features[a], logits[a], reference_from_features(features[b]), config),
         "1,000 real vs all 1,797 (overlapping: a lower bound)": compute_metrics(
-            features[perm[:1000]], logits[perm[:1000]], reference_of(features), config),
+            features[perm[:1000]], logits[perm[:1000]], reference_from_features(features), config),
     }
     noise = torch.rand(1000, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     fn, ln = extract(extractor, [to_uint8(noise)])
-    rows["1,000 uniform-noise images vs all 1,797"] = compute_metrics(fn, ln, reference_of(features), config)
+    rows["1,000 uniform-noise images vs all 1,797"] = compute_metrics(fn, ln, reference_from_features(features), config)
     print(f"digits-classifier (held-out accuracy {extractor.accuracy:.4f})")
     print("| set | FID | IS |\n|---|---|---|")
     for name, m in rows.items():

@@ -16,6 +16,7 @@ from PIL import Image
 from diffusion_lab.metrics import ReferenceMismatchError, WeightsError, extract
 from diffusion_lab.metrics.extractors import INCEPTION_WEIGHTS_NAME, inception_weights_path, make_extractor
 from diffusion_lab.metrics.reference import get_reference, reference_key, reference_path
+from tests.conftest import eval_command
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +122,10 @@ def test_callback_fid_is_the_same_on_one_and_two_processes(tmp_path):
 
 def test_eval_command_writes_a_resumable_report(digits_checkpoint, tmp_path):
     out = tmp_path / "eval"
-    args = [sys.executable, "-m", "diffusion_lab.cli.evaluate", f"ckpt={digits_checkpoint}", "num_samples=64",
-            "batch_size=32", "grid.ddim_eta=[0.0,1.0]", "grid.ddim_steps=[5,10]", "grid.ddpm_variance=[fixed_large]",
-            "grid.ddpm_steps=[5]", "grid.full_steps=false", "grid.dpm_solver_steps=[5]", "metrics.kid_subset_size=32",
-            f"out={out}", f"paths.data_dir={tmp_path / 'data'}"]
+    args = eval_command(digits_checkpoint, out, tmp_path / "data", "num_samples=64", "batch_size=32",
+                        "grid.ddim_eta=[0.0,1.0]", "grid.ddim_steps=[5,10]", "grid.ddpm_variance=[fixed_large]",
+                        "grid.ddpm_steps=[5]", "grid.full_steps=false", "grid.dpm_solver_steps=[5]",
+                        "metrics.kid_subset_size=32")
     first = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import yaml
 
 from diffusion_lab.cli.train import train
 from diffusion_lab.reports.sweep import read_metrics
+from tests.conftest import eval_command
 
 SHORT = ["trainer.max_steps=4", "trainer.log_every_n_steps=1", "callbacks.fid.every_n_steps=2",
          "callbacks.sample_grid.every_n_steps=2", "callbacks.model_checkpoint.every_n_train_steps=0"]
@@ -105,10 +105,9 @@ def test_offline_wandb_run_has_config_metrics_and_sample_grids(compose_cfg):
 
 def test_eval_report_goes_to_wandb(digits_checkpoint, tmp_path):
     out = tmp_path / "eval"
-    args = [sys.executable, "-m", "diffusion_lab.cli.evaluate", f"ckpt={digits_checkpoint}", "num_samples=32",
-            "batch_size=32", "grid.ddim_eta=[0.0]", "grid.ddim_steps=[5]", "grid.ddpm_variance=[]",
-            "grid.full_steps=false", "grid.dpm_solver_steps=[5]", "metrics.kid=false", f"out={out}",
-            f"paths.data_dir={tmp_path / 'data'}", "wandb.enabled=true"]
+    args = eval_command(digits_checkpoint, out, tmp_path / "data", "num_samples=32", "batch_size=32",
+                        "grid.ddim_eta=[0.0]", "grid.ddim_steps=[5]", "grid.ddpm_variance=[]", "grid.full_steps=false",
+                        "grid.dpm_solver_steps=[5]", "metrics.kid=false", "wandb.enabled=true")
     result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from tests.conftest import eval_command
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
@@ -16,10 +17,10 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 @pytest.fixture(scope="module")
 def small_report(digits_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("notebook_eval")
-    args = [sys.executable, "-m", "diffusion_lab.cli.evaluate", f"ckpt={digits_checkpoint}", "num_samples=64",
-            "batch_size=64", "grid.ddim_eta=[0.0,1.0]", "grid.ddim_steps=[5,10]", "grid.ddpm_variance=[fixed_large]",
-            "grid.ddpm_steps=[5,10]", "grid.full_steps=false", "grid.dpm_solver_steps=[5]", "metrics.kid=false",
-            f"out={out}", f"paths.data_dir={out / 'data'}"]
+    args = eval_command(digits_checkpoint, out, out / "data", "num_samples=64", "batch_size=64",
+                        "grid.ddim_eta=[0.0,1.0]", "grid.ddim_steps=[5,10]", "grid.ddpm_variance=[fixed_large]",
+                        "grid.ddpm_steps=[5,10]", "grid.full_steps=false", "grid.dpm_solver_steps=[5]",
+                        "metrics.kid=false")
     result = subprocess.run(args, capture_output=True, text=True, cwd=out)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "report.json"

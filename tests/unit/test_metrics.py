@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from diffusion_lab.metrics import MetricsConfig, compute_metrics, statistics
+from diffusion_lab.metrics import MetricsConfig, compute_metrics, reference_from_features
 
 
 def oracle_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -25,14 +25,9 @@ def oracle_kid_unbiased(a: np.ndarray, b: np.ndarray) -> float:
                  - 2 * kxy.mean())
 
 
-def reference_of(features: torch.Tensor) -> dict:
-    stats = statistics(features)
-    return {"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"]), "features": features}
-
-
 def test_fid_of_a_set_against_itself_is_zero():
     x = torch.randn(500, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    fid = compute_metrics(x, x, reference_of(x), MetricsConfig(isc=False))["fid"]
+    fid = compute_metrics(x, x, reference_from_features(x), MetricsConfig(isc=False))["fid"]
     assert abs(fid) < 1e-6
 
 
@@ -41,7 +36,7 @@ def test_fid_and_kid_match_numpy_scipy_oracles():
     a = torch.randn(400, 12, generator=g, dtype=torch.float64)
     b = (torch.randn(400, 12, generator=g, dtype=torch.float64) * 1.3 + 0.4) @ torch.eye(12, dtype=torch.float64).roll(1, 0)
     config = MetricsConfig(isc=False, kid=True, kid_subsets=1, kid_subset_size=400)  # one subset = every sample
-    got = compute_metrics(a, a, reference_of(b), config)
+    got = compute_metrics(a, a, reference_from_features(b), config)
     assert got["fid"] == pytest.approx(oracle_fid(a.numpy(), b.numpy()), rel=1e-8)
     assert got["kid"] == pytest.approx(oracle_kid_unbiased(a.numpy(), b.numpy()), rel=1e-5)
 
@@ -83,11 +78,11 @@ def test_digits_floor_and_ceiling(digits_features):
 
     perm = torch.randperm(1797, generator=torch.Generator().manual_seed(0))
     a, b = perm[:898], perm[898:]
-    halves = compute_metrics(features[a], logits[a], reference_of(features[b]), MetricsConfig())
+    halves = compute_metrics(features[a], logits[a], reference_from_features(features[b]), MetricsConfig())
     noise = torch.rand(1797, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     fn, ln = extract(extractor, [to_uint8(noise)])
-    ceiling = compute_metrics(fn, ln, reference_of(features), MetricsConfig())
-    real_is = compute_metrics(features, logits, reference_of(features), MetricsConfig())["is"]
+    ceiling = compute_metrics(fn, ln, reference_from_features(features), MetricsConfig())
+    real_is = compute_metrics(features, logits, reference_from_features(features), MetricsConfig())["is"]
     print(f"digits: IS of the real data {real_is:.2f}; FID halves {halves['fid']:.2f}; FID noise {ceiling['fid']:.1f}")
     assert real_is > 8.5  # ten classes, confidently recognised
     assert halves["fid"] < 15 and ceiling["fid"] > 200 and ceiling["is"] < 3

@@ -65,13 +65,18 @@ class UNetConfig:
         return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
 
 
-def timestep_embedding(t: Tensor, dim: int) -> Tensor:
-    """Sinusoidal embedding [sin(t w_k), cos(t w_k)], w_k = 10000^(-k / (dim/2 - 1)) (tensor2tensor / Ho et al.)."""
+def timestep_embedding(t: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sinusoidal embedding [sin(t w_k), cos(t w_k)], w_k = 10000^(-k / (dim/2 - 1)) (tensor2tensor / Ho et al.).
+
+    Computed in float32 (float64 when asked for: t up to 1000 times the frequencies needs more than bf16's
+    8 bits of mantissa) and returned in ``dtype``, the dtype of the network's weights.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1))
-    args = t.float()[:, None] * freqs[None, :]
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=compute, device=t.device) / (half - 1))
+    args = t.to(compute)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
+    return (F.pad(emb, (0, 1)) if dim % 2 else emb).to(dtype)
 
 
 def _init(module: nn.Conv2d | nn.Linear, scale: float = 1.0) -> nn.Module:
@@ -207,7 +212,7 @@ class UNet(nn.Module):
             )
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        temb = self.temb(timestep_embedding(t, cfg.ch))
+        temb = self.temb(timestep_embedding(t, cfg.ch, self.conv_in.weight.dtype))
 
         hs = [self.conv_in(x)]
         for stage in self.down:

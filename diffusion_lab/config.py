@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import logging
+import types
+import typing
 from typing import Any, Iterator
 
 from hydra.utils import get_object
@@ -13,10 +16,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion_lab.diffusion.gaussian import LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCES
 from diffusion_lab.diffusion.schedules import SCHEDULES
+from diffusion_lab.errors import UserError
 from diffusion_lab.samplers.timesteps import SPACINGS
 
+log = logging.getLogger(__name__)
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config key or value that cannot work; the message names the key and the fix."""
 
 
@@ -40,6 +46,24 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
     for path, node in _target_nodes(cfg, ""):
         _check_keys(path, node)
+    _check_max_steps(cfg)
+
+
+def _check_max_steps(cfg: DictConfig) -> None:
+    """Training is step-based: ``trainer.max_steps`` must be a positive count (Lightning reads -1 as "no limit",
+    which with ``max_epochs: null`` silently becomes 1000 epochs)."""
+    if OmegaConf.select(cfg, "trainer._target_", default=None) is None:
+        return
+    steps = OmegaConf.select(cfg, "trainer.max_steps", default=None)
+    epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    if steps == -1 and isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0:
+        log.info("trainer.max_steps=-1: no step limit, training stops after trainer.max_epochs=%d epochs", epochs)
+        return
+    if steps is None or isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(
+            f"trainer.max_steps={steps!r}: training needs a positive number of optimizer steps, e.g. "
+            "trainer.max_steps=3000 (for an epoch limit instead, set trainer.max_steps=-1 trainer.max_epochs=N)"
+        )
 
 
 def _target_nodes(node: Any, path: str) -> Iterator[tuple[str, DictConfig]]:
@@ -83,6 +107,7 @@ def _check_keys(path: str, node: DictConfig) -> None:
         target = get_object(target_name)
     except Exception as error:  # noqa: BLE001 - hydra raises several types here
         raise ConfigError(f"{path}._target_={target_name!r} cannot be imported: {error}") from error
+    _check_types(path, node, target)
     allowed = accepted_keys(target)
     if allowed is None:
         return
@@ -95,3 +120,40 @@ def _check_keys(path: str, node: DictConfig) -> None:
         raise ConfigError(
             f"unknown key {path}.{key} for {target_name}.{hint} Allowed keys: {', '.join(sorted(allowed))}"
         )
+
+
+_SCALARS = (bool, int, float)
+
+
+def _check_types(path: str, node: DictConfig, target: Any) -> None:
+    """A value given as text where the target's signature wants a number or a bool (``trainer.max_steps=abc``)
+    fails here, naming the key and the type, instead of deep inside the library."""
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check
+        return
+    for key in node.keys():
+        key = str(key)
+        child = node._get_node(key)
+        if key in _HYDRA_KEYS or key not in hints or child is None or child._is_missing() or child._is_interpolation():
+            continue
+        wanted = _scalar_types(hints[key])
+        value = node[key]
+        if not wanted or str in wanted or not isinstance(value, str):
+            continue
+        names = " or ".join(t.__name__ for t in wanted)
+        raise ConfigError(f"{path}.{key}={value!r} is not a valid {names}; it must be a {names}, e.g. "
+                          f"{path}.{key}={_example(wanted)}")
+
+
+def _scalar_types(annotation: Any) -> tuple[type, ...]:
+    """(int,) for ``int`` / ``Optional[int]``; () when the annotation is anything but scalars (lists, Literals...)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    args = tuple(a for a in args if a is not type(None))
+    if args and all(a in _SCALARS or a is str for a in args):
+        return args
+    return ()
+
+
+def _example(wanted: tuple[type, ...]) -> str:
+    return {bool: "true", int: "10", float: "0.5"}.get(wanted[0], "...")

@@ -16,7 +16,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.config import validate_config
-from diffusion_lab.training.checkpoints import resolve_ckpt_path
+from diffusion_lab.errors import main_guard
+from diffusion_lab.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files
+from diffusion_lab.training.checkpoints import check_resume_compatible, load_checkpoint, resolve_ckpt_path
+from diffusion_lab.training.resume import FinalCheckpoint, ResumeLearningRate
 from diffusion_lab.training.run_status import RunStatus
 
 log = logging.getLogger(__name__)
@@ -72,17 +75,21 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     module.run_config = resolved
     datamodule.check_model(module.net)
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, output_dir)
+    callbacks = _instantiate_callbacks(cfg)
+    if ckpt_path:
+        callbacks += _resume_checks(ckpt_path, module, resolved)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # AtomicCheckpointIO: every checkpoint is written to a temp file beside it, fsync'ed, then renamed over it.
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks + [FinalCheckpoint()], logger=loggers or False,
+                                     plugins=[AtomicCheckpointIO()])
     for logger in loggers:  # the resolved config: W&B's run config, TensorBoard's hparams, the CSV's hparams.yaml
         logger.log_hyperparams(resolved)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, output_dir)
     if ckpt_path:
         log.info("Resuming from %s", ckpt_path)
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         for logger in loggers:
             logger.finalize("success")
@@ -93,6 +100,28 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     log.info("Run folder: %s", output_dir)
     return metrics
+
+
+def _instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The ``callbacks`` group; with ``callbacks.fid=null`` a checkpoint that monitors a val/ metric is left out too."""
+    configs = {name: c for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
+    if "fid" not in configs:
+        for name in [n for n, c in configs.items() if str(c.get("monitor") or "").startswith("val/")]:
+            log.info("callbacks.%s is off: it monitors %s, which only callbacks.fid logs", name, configs[name].monitor)
+            del configs[name]
+    return [instantiate(c) for c in configs.values()]
+
+
+def _resume_checks(ckpt_path: str, module: L.LightningModule, resolved: dict) -> list[L.Callback]:
+    """Before any training: a readable, safe checkpoint of this model config; the learning rate the user asked for."""
+    checkpoint = load_checkpoint(ckpt_path)  # truncated / text / unsafe files fail here with one clear message
+    check_resume_compatible(checkpoint, module, resolved, ckpt_path)
+    remove_stale_temp_files(Path(ckpt_path).parent)
+    old = ((checkpoint.get("diffusion_lab") or {}).get("config") or {}).get("model", {}).get("optimizer", {}).get("lr")
+    new = (resolved.get("model") or {}).get("optimizer", {}).get("lr")
+    if new is not None and (old is None or float(old) != float(new)):
+        return [ResumeLearningRate(new, None if old is None else float(old))]
+    return []
 
 
 def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> DictConfig:
@@ -113,6 +142,7 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
     return cfg
 
 
+@main_guard  # above hydra.main: also reports Hydra's composition errors (mistyped keys, YAML syntax) in one line
 @hydra.main(version_base="1.3", config_path="pkg://diffusion_lab.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)

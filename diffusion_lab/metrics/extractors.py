@@ -19,12 +19,14 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from diffusion_lab.errors import UserError
+
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_PARAMETERS = 23_885_486  # float32 values in that file: about 95.5 MB
 DIGITS_CLASSIFIER_VERSION = 1
 
 
-class WeightsError(FileNotFoundError):
+class WeightsError(UserError, FileNotFoundError):
     """A feature extractor's weights are missing; the message says which file to place where."""
 
 
@@ -40,7 +42,7 @@ def inception_weights_path(weights_path: str | None = None, allow_download: bool
     """
     if weights_path:
         if not Path(weights_path).is_file():
-            raise WeightsError(_missing_inception_message(f"metrics.inception_weights={weights_path!r} does not exist."))
+            raise WeightsError(_missing_inception_message(f"The Inception weights file {weights_path!r} does not exist."))
         return weights_path
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
     if cached.is_file():
@@ -61,7 +63,8 @@ def _missing_inception_message(reason: str) -> str:
     return (
         f"Inception-v3 weights for FID/IS are not available. {reason} Place the file {INCEPTION_WEIGHTS_NAME} "
         f"(about 95.5 MB: {INCEPTION_PARAMETERS:,} float32 values; torch-fidelity's release v0.2.0) at {target}, "
-        "or anywhere and set metrics.inception_weights=/path/to/it."
+        "or anywhere and point to it: inception_weights=/path/to/it for diffusion-lab-eval, "
+        "callbacks.fid.inception_weights=/path/to/it for diffusion-lab-train."
     )
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffusion_lab.errors import UserError
 from diffusion_lab.nets.unet import AttnBlock, UNet, UNetConfig
 
 DIFFUSERS_VERSION = "0.30.0"  # the format version written into the JSON files
@@ -30,7 +31,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 LEGACY_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A diffusers folder or config this project cannot represent; the message names the field."""
 
 

@@ -22,6 +22,8 @@ from diffusion_lab.samplers import DDIMSampler, DDPMSampler
 from diffusion_lab.samplers.base import Sampler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+# One generator for the batch, or a list with one per image (image k draws all its noise from generator k).
+Generators = torch.Generator | list[torch.Generator] | None
 
 
 @dataclasses.dataclass
@@ -85,7 +87,7 @@ class DiffusionPipeline:
         return next(self.unet.parameters()).device
 
     # --- sampling ----------------------------------------------------------------------------------
-    def _generate(self, sampler: Sampler, batch_size: int, generator: torch.Generator | None, output_type: str,
+    def _generate(self, sampler: Sampler, batch_size: int, generator: Generators, output_type: str,
                   return_dict: bool) -> ImagePipelineOutput | tuple:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not supported; allowed: {', '.join(OUTPUT_TYPES)}")
@@ -114,7 +116,7 @@ class DDPMPipeline(DiffusionPipeline):
     scheduler_class_name = "DDPMScheduler"
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, generator: torch.Generator | None = None, num_inference_steps: int = 1000,
+    def __call__(self, batch_size: int = 1, generator: Generators = None, num_inference_steps: int = 1000,
                  output_type: str = "pil", return_dict: bool = True) -> ImagePipelineOutput | tuple:
         sampler = DDPMSampler(num_steps=num_inference_steps, spacing=self.scheduler.timestep_spacing,
                               variance=self.scheduler.variance_type, clip_denoised=self.scheduler.clip_sample,
@@ -128,7 +130,7 @@ class DDIMPipeline(DiffusionPipeline):
     scheduler_class_name = "DDIMScheduler"
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, generator: torch.Generator | None = None, eta: float = 0.0,
+    def __call__(self, batch_size: int = 1, generator: Generators = None, eta: float = 0.0,
                  num_inference_steps: int = 50, use_clipped_model_output: bool | None = None,
                  output_type: str = "pil", return_dict: bool = True) -> ImagePipelineOutput | tuple:
         sampler = DDIMSampler(num_steps=num_inference_steps, spacing=self.scheduler.timestep_spacing, eta=eta,

@@ -12,6 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.pipelines.diffusers_format import FormatError
+
+# diffusers scheduler fields this project does not model, with the only value it samples like diffusers with.
+# Anything else is refused by SchedulerConfig.load rather than silently dropped.
+UNMODELLED: dict[str, tuple[Any, str]] = {
+    "steps_offset": (0, "the visited timesteps are never shifted"),
+    "set_alpha_to_one": (True, "DDIM's last step always goes to alpha-bar = 1"),
+    "clip_sample_range": (1.0, "clip_sample clips x0 to [-1, 1]"),
+    "thresholding": (False, "dynamic thresholding (Imagen) is not implemented"),
+}
 
 # diffusers name <-> this project's name
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine", "sigmoid": "sigmoid"}
@@ -70,6 +80,16 @@ class SchedulerConfig:
             raise FileNotFoundError(f"{path} not found: not a diffusers scheduler folder")
         raw = json.loads(path.read_text())
         if raw.get("trained_betas") is not None:
-            raise ValueError(f"{path}: trained_betas (explicit beta arrays) are not supported")
+            raise FormatError(f"{path}: trained_betas (explicit beta arrays) are not supported")
+        for key, (default, why) in UNMODELLED.items():
+            value = raw.get(key, default)
+            if key == "clip_sample_range" and not raw.get("clip_sample", True):
+                continue  # the range only matters when clipping
+            if value != default:
+                raise FormatError(
+                    f"{path}: {key}={json.dumps(value)} is not supported ({why}); this folder would sample "
+                    f"differently here than in diffusers. Use a folder with {key}={json.dumps(default)}, or edit "
+                    "scheduler_config.json if that is what you want"
+                )
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in fields})

@@ -47,7 +47,7 @@ class Sampler:
         diffusion: GaussianDiffusion,
         shape: Sequence[int],
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         seed: int | None = None,
         indices: Sequence[int] | None = None,
         device: torch.device | str | None = None,
@@ -55,7 +55,7 @@ class Sampler:
     ) -> Tensor:
         """Draw ``shape`` samples, starting from x_T ~ N(0, I) (or the given ``x_T``).
 
-        Randomness comes from ``generator``, or with ``seed`` from per-image generators seeded by
+        Randomness comes from ``generator`` (or a list of them, one per image), or with ``seed`` from per-image generators seeded by
         (seed, indices[k]) so that image k is the same in any batch (indices default to 0..B-1).
         """
         device = torch.device(device) if device is not None else diffusion.betas.device

@@ -19,6 +19,8 @@ class DDIMSampler(Sampler):
     """
 
     num_steps: int | None = 50
+    # No x0 clipping by default, as the DDIM paper's code and conf/sampler/ddim.yaml (see there for why).
+    clip_denoised: bool = False
     eta: float = 0.0
     use_clipped_model_output: bool = False
     name = "ddim"

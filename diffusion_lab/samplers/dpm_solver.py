@@ -26,6 +26,7 @@ class DPMSolverSampler(Sampler):
 
     num_steps: int | None = 20
     spacing: str = "logsnr"
+    clip_denoised: bool = False  # the ODE solver as published; True clips each x0 prediction to [-1, 1]
     name = "dpm_solver"
 
     def run(self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, noise: NoiseFn) -> Tensor:

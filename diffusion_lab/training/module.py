@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.errors import UserError
 from diffusion_lab.samplers.base import Sampler
 from diffusion_lab.training.rng import rng_state, set_rng_state
 
@@ -34,7 +35,7 @@ class EMAUpdate:
                 p_ema.copy_(p_ema * self.decay + p_model * (1 - self.decay))
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The training loss (or the weights about to be checkpointed) stopped being finite."""
 
 
@@ -78,8 +79,9 @@ class DiffusionModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"train/loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch "
-                f"{self.current_epoch}); the run stopped and the last checkpoint was left as it was. Lower the "
-                "learning rate or check the data for NaN/inf, then resume with ckpt_path=last."
+                f"{self.current_epoch}); the run stopped and the last checkpoint was left as it was. Check the data for NaN/inf, "
+                "or resume with a lower learning rate: ckpt_path=last model.optimizer.lr=<lower> (a changed lr "
+                "replaces the one the checkpoint restores; the log says so)."
             )
         self.log("train/loss", loss, prog_bar=True)
         # Loss per timestep quartile: the standard diagnostic (high-t noise prediction is easy, low-t hard).

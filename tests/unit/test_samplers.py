@@ -169,6 +169,6 @@ def test_seeded_images_do_not_depend_on_batching(sampler):
 
 def test_sampler_config_is_its_fields():
     assert DDIMSampler(num_steps=20, eta=0.2).config() == {
-        "name": "ddim", "num_steps": 20, "spacing": "uniform", "clip_denoised": True, "eta": 0.2,
+        "name": "ddim", "num_steps": 20, "spacing": "uniform", "clip_denoised": False, "eta": 0.2,
         "use_clipped_model_output": False,
     }

@@ -123,6 +123,7 @@ def _check_keys(path: str, node: DictConfig) -> None:
 
 
 _SCALARS = (bool, int, float)
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
 
 
 def _check_types(path: str, node: DictConfig, target: Any) -> None:
@@ -141,9 +142,8 @@ def _check_types(path: str, node: DictConfig, target: Any) -> None:
         value = node[key]
         if not wanted or str in wanted or not isinstance(value, str):
             continue
-        names = " or ".join(t.__name__ for t in wanted)
-        raise ConfigError(f"{path}.{key}={value!r} is not a valid {names}; it must be a {names}, e.g. "
-                          f"{path}.{key}={_example(wanted)}")
+        names = " or ".join(dict.fromkeys(_TYPE_NAMES[t] for t in wanted))
+        raise ConfigError(f"{path}.{key}={value!r} is not {names}; write e.g. {path}.{key}={_example(wanted)}")
 
 
 def _scalar_types(annotation: Any) -> tuple[type, ...]:

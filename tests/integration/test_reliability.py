@@ -1,0 +1,140 @@
+"""Checkpoints and resumes: the final state always saved, saves atomic under kill -9, a new lr honoured on resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_lab.cli.train import train
+from diffusion_lab.training import NonFiniteLossError
+from diffusion_lab.training.checkpoint_io import STALL_ENV, TEMP_MARK, save_atomic, temp_files
+from diffusion_lab.training.checkpoints import load_checkpoint
+from tests.conftest import TINY
+
+QUIET = ["callbacks.sample_grid.every_n_steps=0", "callbacks.sample_grid.on_train_end=false"]
+
+
+def test_last_ckpt_holds_the_final_step_when_max_steps_is_not_a_multiple_of_the_save_interval(compose_cfg):
+    cfg = compose_cfg(QUIET + ["trainer.max_steps=7", "callbacks.model_checkpoint.every_n_train_steps=5"])
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 7
+    assert load_checkpoint(run / "checkpoints" / "step_0000005.ckpt")["global_step"] == 5
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    assert not temp_files(run / "checkpoints")
+
+
+def test_atomic_save_replaces_whole_files_and_cleans_up_on_error(tmp_path):
+    path = tmp_path / "last.ckpt"
+    save_atomic({"global_step": 1, "w": torch.ones(3)}, path)
+    save_atomic({"global_step": 2, "w": torch.zeros(3)}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 2
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic({"global_step": 3, "x": Unsaveable()}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 2  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # and no partial file is left
+
+
+def train_command(run_dir: Path, tmp_path: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "diffusion_lab.cli.train", *TINY, *QUIET, f"hydra.run.dir={run_dir}",
+            f"paths.log_dir={tmp_path / 'runs'}", f"paths.data_dir={tmp_path / 'data'}", *overrides]
+
+
+def test_sigkill_during_a_checkpoint_save_keeps_the_previous_last_ckpt_and_the_run_resumes(tmp_path):
+    """TMPDIR on another filesystem than the run folder (tmpfs /dev/shm vs tmp_path): the save at step 8 writes half of
+    last.ckpt's bytes into its temp file and blocks (the test hook); SIGKILL then; last.ckpt must still be step 4."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a different filesystem than the test's temp folder")
+    tmpdir = Path(tempfile.mkdtemp(dir=shm))
+    run = tmp_path / "runs" / "digits" / "killed"
+    common = ["trainer.max_steps=12", "callbacks.model_checkpoint.every_n_train_steps=4"]
+    env = os.environ | {"TMPDIR": str(tmpdir), STALL_ENV: "last.ckpt:8"}
+    proc = subprocess.Popen(train_command(run, tmp_path, *common), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((run / "checkpoints").glob("*.stalled")):
+            assert proc.poll() is None, f"training ended before the stalled save: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "the save never stalled"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil_rmtree(tmpdir)
+    assert proc.returncode == -signal.SIGKILL
+    partial = [p for p in temp_files(run / "checkpoints") if not p.name.endswith(".stalled")]
+    assert len(partial) == 1 and partial[0].name.startswith(f"last.ckpt{TEMP_MARK}")
+    assert 0 < partial[0].stat().st_size < (run / "checkpoints" / "step_0000008.ckpt").stat().st_size
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4  # intact, and the older state
+
+    resumed = tmp_path / "runs" / "digits" / "resumed"
+    done = subprocess.run(train_command(resumed, tmp_path, *common, f"ckpt_path={run}"), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_checkpoint(resumed / "checkpoints" / "last.ckpt")["global_step"] == 12
+    assert not temp_files(run / "checkpoints")  # the resume removed the killed save's leftovers
+
+
+def shutil_rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def read_column(run_dir: Path, column: str) -> dict[int, float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r.get(column)}
+
+
+def test_a_new_learning_rate_on_resume_replaces_the_restored_one(compose_cfg, monkeypatch, tmp_path, caplog):
+    """The non-finite-loss advice: resume with ckpt_path=last model.optimizer.lr=<lower>; the lower lr is used."""
+    from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+
+    original, calls = GaussianDiffusion.loss, {"n": 0}
+
+    def poisoned(self, net, x0, generator=None):
+        calls["n"] += 1
+        per_example, t = original(self, net, x0, generator)
+        return (per_example * float("nan") if calls["n"] == 7 else per_example), t
+
+    monkeypatch.setattr(GaussianDiffusion, "loss", poisoned)
+    common = ["trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=4",
+              "model.lr_scheduler.warmup_steps=10"] + QUIET
+    first = compose_cfg(common + ["trainer.max_steps=12"], run_dir=tmp_path / "runs" / "digits" / "first")
+    with pytest.raises(NonFiniteLossError, match=r"ckpt_path=last model\.optimizer\.lr=<lower>"):
+        train(first)
+    monkeypatch.setattr(GaussianDiffusion, "loss", original)
+
+    second = compose_cfg(common + ["trainer.max_steps=12", "ckpt_path=last", "model.optimizer.lr=1e-4"],
+                         run_dir=tmp_path / "runs" / "digits" / "second")
+    with caplog.at_level("WARNING"):
+        train(second)
+    assert "Resumed with model.optimizer.lr=0.0001: the checkpoint's learning rate (0.001)" in caplog.text
+    # Linear warm-up over 10 steps: lr(step) = base * min(step / 10, 1); before the NaN base = 1e-3, after 1e-4.
+    before = read_column(tmp_path / "runs" / "digits" / "first", "train/lr")
+    after = read_column(tmp_path / "runs" / "digits" / "second", "train/lr")
+    assert before[3] == pytest.approx(1e-3 * 3 / 10)
+    assert sorted(after) == list(range(4, 12))
+    for step, lr in after.items():
+        assert lr == pytest.approx(1e-4 * min(step / 10, 1)), step
+    last = load_checkpoint(tmp_path / "runs" / "digits" / "second" / "checkpoints" / "last.ckpt")
+    assert last["lr_schedulers"][0]["base_lrs"] == [pytest.approx(1e-4)]
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4)

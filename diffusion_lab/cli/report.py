@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diffusion_lab.errors import main_guard
 from diffusion_lab.reports.sweep import write_sweep_report
 
 
+@main_guard  # a UserError from the report code: one line on stderr, exit status 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="diffusion-lab-report",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,10 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from diffusion_lab.utils.io import TEMP_MARK, atomic_open
+
 log = logging.getLogger(__name__)
 
-TEMP_MARK = ".partial-"  # <name>.partial-<pid>-<hex>: never ends in .ckpt, so no checkpoint glob picks it up
 # Test hook for fault injection (tests/integration/test_reliability.py): "<file name>:<global step>" makes the save
 # of that file at that step write half of its bytes, fsync them, touch "<temp file>.stalled" and sleep, so the test
 # can kill the process mid-save deterministically. Unset in normal use.
@@ -63,34 +63,10 @@ def _alive(pid: int) -> bool:
 
 def save_atomic(payload: Any, path: str | Path) -> None:
     """``torch.save(payload, path)`` through a temp file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            if _should_stall(path, payload):
-                _write_half_and_stall(payload, f, tmp)
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_open(path, "wb") as f:
+        if _should_stall(Path(path), payload):
+            _write_half_and_stall(payload, f)
+        torch.save(payload, f)
 
 
 def _should_stall(path: Path, payload: Any) -> bool:
@@ -101,7 +77,7 @@ def _should_stall(path: Path, payload: Any) -> bool:
     return path.name == name and str(payload.get("global_step")) == step
 
 
-def _write_half_and_stall(payload: Any, f: Any, tmp: Path) -> None:
+def _write_half_and_stall(payload: Any, f: Any) -> None:
     import io
 
     buffer = io.BytesIO()
@@ -110,7 +86,7 @@ def _write_half_and_stall(payload: Any, f: Any, tmp: Path) -> None:
     f.write(data[: len(data) // 2])
     f.flush()
     os.fsync(f.fileno())
-    Path(f"{tmp}.stalled").touch()
+    Path(f"{f.name}.stalled").touch()
     time.sleep(600)
 
 

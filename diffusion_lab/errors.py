@@ -94,6 +94,10 @@ def describe_hydra_error(error: BaseException) -> str | None:
         cause = cause.__cause__ or cause.__context__
     if isinstance(error, InstantiationException):
         return None  # a failing constructor: the library's own message and traceback say more
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+    if isinstance(error, (InterpolationResolutionError, MissingMandatoryValue)):  # a config value, not a bug
+        return f"{str(error).strip()}\nFix that value on the command line or in the config file."
     if not isinstance(error, CompactHydraException):
         return None
     unknown = _unknown_override_key(error)

@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
 
+from diffusion_lab.data.sampler import ResumableDataLoader
 from diffusion_lab.data.sources import DataError
 
 
@@ -110,10 +111,9 @@ class DiffusionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
-        return DataLoader(
+        return ResumableDataLoader(  # shuffled per epoch; a mid-epoch resume continues the same order exactly
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=self.drop_last,

@@ -138,3 +138,39 @@ def test_a_new_learning_rate_on_resume_replaces_the_restored_one(compose_cfg, mo
     last = load_checkpoint(tmp_path / "runs" / "digits" / "second" / "checkpoints" / "last.ckpt")
     assert last["lr_schedulers"][0]["base_lrs"] == [pytest.approx(1e-4)]
     assert last["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+
+
+def test_a_mid_epoch_resume_gives_the_loss_sequence_of_an_uninterrupted_run(compose_cfg, tmp_path):
+    """64 images in batches of 16 = 4 steps per epoch; stop at step 6 (epoch 1, batch 2), resume to 11."""
+    common = ["trainer.log_every_n_steps=1", "trainer.deterministic=true", "data.limit=64", "data.batch_size=16",
+              "callbacks.model_checkpoint.every_n_train_steps=6"] + QUIET
+    runs = tmp_path / "runs" / "digits"
+    train(compose_cfg(common + ["trainer.max_steps=11"], run_dir=runs / "whole"))
+    train(compose_cfg(common + ["trainer.max_steps=6"], run_dir=runs / "first"))
+    train(compose_cfg(common + ["trainer.max_steps=11", f"ckpt_path={runs / 'first'}"], run_dir=runs / "second"))
+    expected = read_column(runs / "whole", "train/loss")
+    got = read_column(runs / "first", "train/loss") | read_column(runs / "second", "train/loss")
+    assert sorted(expected) == sorted(got) == list(range(11))
+    for step in range(11):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), f"step {step}"
+    state = load_checkpoint(runs / "first" / "checkpoints" / "last.ckpt")["loops"]["fit_loop"]["combined_loader"]
+    assert state[0]["epoch"] == 1 and state[0]["batches"] == 2
+
+
+def test_the_epoch_order_is_a_permutation_that_resumes_where_it_stopped():
+    from diffusion_lab.data.sampler import ResumableDataLoader
+
+    data = torch.arange(10)
+    loader = ResumableDataLoader(data, batch_size=3, seed=7, drop_last=True)
+    loader.sampler.set_epoch(1)
+    epoch1 = list(loader)
+    assert len(epoch1) == 3 and len(set(torch.cat(epoch1).tolist())) == 9
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    assert state == {"seed": 7, "epoch": 1, "batches": 1}
+    other = ResumableDataLoader(data, batch_size=3, seed=0, drop_last=True)
+    other.load_state_dict(state)
+    assert [b.tolist() for b in other] == [b.tolist() for b in epoch1[1:]]
+    loader.sampler.set_epoch(2)
+    assert [b.tolist() for b in loader] != [b.tolist() for b in epoch1]  # a new order every epoch

@@ -56,8 +56,11 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(self, dataset: Any, batch_size: int = 1, seed: int | None = None, **kwargs: Any) -> None:
-        if "shuffle" in kwargs or "batch_sampler" in kwargs:
-            raise TypeError("ResumableDataLoader always shuffles with its own sampler; drop shuffle/batch_sampler")
+        # Lightning re-creates the loader under DDP with sampler=<its distributed wrapper>, shuffle=False and
+        # batch_sampler=None; the wrapper then decides the order (and a mid-epoch resume restarts that epoch's).
+        kwargs.pop("shuffle", None)
+        if kwargs.pop("batch_sampler", None) is not None:
+            raise TypeError("ResumableDataLoader batches with its own sampler; drop batch_sampler")
         sampler = kwargs.pop("sampler", None)
         if sampler is None:
             sampler = EpochShuffle(dataset, seed)

@@ -72,7 +72,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]:
     return datamodule, module
 
 
-def lightning_images_per_s(cfg: DictConfig, args: argparse.Namespace) -> float:
+def lightning_images_per_s(cfg: DictConfig, args: argparse.Namespace) -> tuple[float, int]:
+    """(images/s over all processes, world size); under DDP every process runs this and rank 0 reports."""
     datamodule, module = build(cfg)
     timer = StepTimer(args.warmup)
     with tempfile.TemporaryDirectory() as root:
@@ -81,7 +82,7 @@ def lightning_images_per_s(cfg: DictConfig, args: argparse.Namespace) -> float:
             enable_model_summary=False, callbacks=[timer],
         )
         trainer.fit(module, datamodule=datamodule)
-    return args.steps * args.batch_size / (timer.end - timer.start)
+    return args.steps * args.batch_size * trainer.world_size / (timer.end - timer.start), trainer.world_size
 
 
 def plain_loop_images_per_s(cfg: DictConfig, args: argparse.Namespace) -> float:
@@ -150,10 +151,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for compile_net, channels_last in variants:
             cfg = compose_config(args, overrides, precision, compile_net, channels_last)
             label = precision + " + compile" * compile_net + " + channels_last" * channels_last
-            row = {"setting": label, "lightning": lightning_images_per_s(cfg, args)}
+            images_per_s, world_size = lightning_images_per_s(cfg, args)
+            row = {"setting": label, "lightning": images_per_s}
             first = results[0]["lightning"] if results else row["lightning"]
             line = f"{label:32s} {row['lightning']:10.1f} images/s   x{row['lightning'] / first:.2f}"
-            if not args.no_plain_loop:
+            if world_size > 1:
+                line += f"   ({world_size} processes)"
+            elif not args.no_plain_loop:
                 row["plain_loop"] = plain_loop_images_per_s(cfg, args)
                 line += f"   plain loop {row['plain_loop']:10.1f} images/s (Lightning/plain time x{row['plain_loop'] / row['lightning']:.2f})"
             results.append(row)

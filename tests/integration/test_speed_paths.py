@@ -27,11 +27,11 @@ class Record(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         pl_module.net.conv_in.register_forward_hook(lambda m, i, out: self.conv_dtypes.add(out.dtype))
 
-        def before_step(optimizer, *args) -> None:  # after clipping, just before Adam reads the gradients
+        def after_step(optimizer, *args) -> None:  # the gradients Adam used (after clipping; Adam leaves them)
             grads = [p.grad for p in pl_module.net.parameters() if p.grad is not None]
             self.step_grad_norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
-        trainer.optimizers[0].register_step_pre_hook(before_step)
+        trainer.optimizers[0].register_step_post_hook(after_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, *args) -> None:
         self.losses.append(outputs["loss"].item())

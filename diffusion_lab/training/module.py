@@ -133,7 +133,8 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         kwargs = {}
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        precision_plugin = getattr(self._trainer, "precision_plugin", None)  # None outside a Trainer (a hand loop)
+        if getattr(precision_plugin, "scaler", None) is not None:
             # fp16 with a GradScaler: Lightning unscales before clipping, which a fused step (it unscales
             # itself) does not allow; use the foreach kernels there.
             kwargs = {"fused": False, "foreach": True}

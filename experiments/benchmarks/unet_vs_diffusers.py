@@ -123,6 +123,10 @@ def bench(name: str, cfg: dict, batch: int, variants: list[str], rounds: int, wa
     x, eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     n = sum(p.numel() for p in contenders[0].net.parameters())
+    with torch.no_grad():  # the same function: one forward of every contender agrees with diffusers'
+        expected = contenders[0].net.eval()(x, t).sample
+        for c in contenders[1:]:
+            torch.testing.assert_close(c.net.eval()(c.prepare(x), t), expected, atol=1e-4, rtol=1e-4)
     print(f"\n{name}: {n:,} parameters, batch {batch}, {rounds} rounds after {warmup} warm-up", flush=True)
     for _ in range(warmup):  # allocation, oneDNN primitive caches, compilation
         for c in contenders:
@@ -152,7 +156,7 @@ def bench(name: str, cfg: dict, batch: int, variants: list[str], rounds: int, wa
     return record
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--variants", nargs="+", default=["eager"],
@@ -165,7 +169,7 @@ def main() -> None:
     parser.add_argument("--cifar10-batch", type=int, default=CONFIGS["cifar10"][1])
     parser.add_argument("--digits-batch", type=int, default=CONFIGS["digits"][1])
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("unet_vs_diffusers.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import diffusers
 
@@ -188,6 +192,7 @@ def main() -> None:
                       f"forward {net['forward_ratio_to_diffusers']:.3f}")
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"record: {args.out}")
+    return record
 
 
 if __name__ == "__main__":

@@ -112,3 +112,21 @@ def test_train_throughput_documented_command_runs(monkeypatch, capsys):
     assert rows[0]["lightning"] > 0 and rows[0]["plain_loop"] > 0
     assert train_throughput.split_argv(["--precisions", "32-true", "bf16-mixed", "trainer=bf16", "--steps=3"]) == (
         ["--precisions", "32-true", "bf16-mixed", "--steps=3"], ["trainer=bf16"])
+
+
+def test_unet_vs_diffusers_benchmark_runs_and_records_ratios(monkeypatch, tmp_path, capsys):
+    """The benchmark builds diffusers' UNet2DModel from our exported config with our weights (it checks the two
+    compute the same function and have the same parameter count) and prints/records the ratios."""
+    pytest.importorskip("diffusers")
+    monkeypatch.syspath_prepend(str(ROOT / "experiments" / "benchmarks"))
+    import unet_vs_diffusers
+
+    out = tmp_path / "record.json"
+    record = unet_vs_diffusers.main(["--configs", "digits", "--digits-batch", "2", "--rounds", "1", "--warmup", "0",
+                                     "--variants", "eager", "channels_last", "--out", str(out)])
+    digits = record["configs"]["digits"]
+    assert digits["parameters"] == 1_623_169 and set(digits["networks"]) == {"diffusers", "ours[eager]",
+                                                                               "ours[channels_last]"}
+    assert digits["networks"]["diffusers"]["train_ratio_to_diffusers"] == 1.0
+    assert record["threads"] == 1 and "torch" in record and out.is_file()
+    assert "ours / diffusers" in capsys.readouterr().out

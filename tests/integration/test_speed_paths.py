@@ -121,9 +121,12 @@ def test_unet_vs_diffusers_benchmark_runs_and_records_ratios(monkeypatch, tmp_pa
     monkeypatch.syspath_prepend(str(ROOT / "experiments" / "benchmarks"))
     import unet_vs_diffusers
 
-    out = tmp_path / "record.json"
-    record = unet_vs_diffusers.main(["--configs", "digits", "--digits-batch", "2", "--rounds", "1", "--warmup", "0",
-                                     "--variants", "eager", "channels_last", "--out", str(out)])
+    out, threads = tmp_path / "record.json", torch.get_num_threads()
+    try:
+        record = unet_vs_diffusers.main(["--configs", "digits", "--digits-batch", "2", "--rounds", "1", "--warmup",
+                                         "0", "--variants", "eager", "channels_last", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark pins 1 thread; the rest of the session keeps its own
     digits = record["configs"]["digits"]
     assert digits["parameters"] == 1_623_169 and set(digits["networks"]) == {"diffusers", "ours[eager]",
                                                                                "ours[channels_last]"}

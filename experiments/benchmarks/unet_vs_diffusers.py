@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "diffusers": diffusers.__version__, "variants": args.variants,
         "ours_adam": args.ours_adam, "diffusers_adam": "torch default (fused=None)", "configs": {},
     }
-    print(f"{record['cpu']}, {record['threads']} thread(s), torch {torch.__version__}, diffusers {diffusers.__version__}; "
-          f"Adam: ours {args.ours_adam}, diffusers torch default")
+    print(f"{record['cpu']}, {record['threads']} thread(s), torch {torch.__version__}, "
+          f"diffusers {diffusers.__version__}; Adam: ours {args.ours_adam}, diffusers torch default")
     batches = {"digits": args.digits_batch, "cifar10": args.cifar10_batch}
     for name in args.configs:
         record["configs"][name] = bench(name, CONFIGS[name][0], batches[name], args.variants, args.rounds, args.warmup,

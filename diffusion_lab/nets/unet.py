@@ -102,14 +102,23 @@ class ResBlock(nn.Module):
         self.skip = _init(nn.Conv2d(in_ch, out_ch, 1)) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        # The two additions write into the convolutions' fresh outputs (a convolution's backward needs its input,
+        # not its output), saving two full-size allocations and passes over memory per block.
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h += self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        return h.add_(self.skip(x))
 
 
 class AttnBlock(nn.Module):
-    """Self-attention over all positions, with q, k, v and the output as 1x1 projections."""
+    """Self-attention over all positions, with q, k, v and the output as 1x1 projections.
+
+    The parameters are the four 1x1 convolutions of the original code (so checkpoints and the diffusers mapping
+    keep their names), but the forward pass runs them as matrix products on the token layout (B, HW, C): q, k
+    and v in one fused product with the concatenated weights, giving SDPA inputs whose last dimension is
+    contiguous (what its fused CPU/GPU kernels need; a (B, C, HW) layout sends it to the unfused math path), and
+    the output projection writes straight into a channels-last view of (B, C, H, W) - no layout copies.
+    """
 
     def __init__(self, cfg: UNetConfig, ch: int) -> None:
         super().__init__()
@@ -120,14 +129,15 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        hn = self.norm(x)
-
-        def heads(proj: nn.Conv2d) -> Tensor:  # (B, heads, HW, C/heads)
-            return proj(hn).reshape(b, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
-
-        out = F.scaled_dot_product_attention(heads(self.q), heads(self.k), heads(self.v))
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        heads = self.num_heads
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C): a view when x is channels-last
+        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).flatten(1)  # (3C, C)
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        qkv = F.linear(tokens, weight, bias).view(b, h * w, 3, heads, c // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, C/heads), last dim contiguous
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, HW, C)
+        return x + out.transpose(1, 2).unflatten(2, (h, w))  # (B, C, H, W) with channels-last strides, a view
 
 
 class Downsample(nn.Module):

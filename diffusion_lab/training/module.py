@@ -6,7 +6,6 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -59,6 +58,7 @@ class DiffusionModule(L.LightningModule):
         ema_decay: float = 0.9999,
         ema_start_step: int = 0,
         compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= ema_decay < 1.0:
@@ -66,38 +66,66 @@ class DiffusionModule(L.LightningModule):
         self.net, self.diffusion, self.sampler = net, diffusion, sampler
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.ema_decay, self.ema_start_step = ema_decay, ema_start_step
+        # NHWC activations and weights: oneDNN (CPU) and cuDNN (tensor cores) run convolutions faster in it.
+        self.channels_last = channels_last
+        if channels_last:
+            net.to(memory_format=torch.channels_last)  # before the EMA copy, so both use it
         self.ema = AveragedModel(net, multi_avg_fn=EMAUpdate(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         # A compiled view of the raw net for training; kept out of the module tree so state_dict keys stay clean.
         self.__dict__["_train_net"] = torch.compile(net) if compile else net
         self.run_config: dict | None = None  # the resolved Hydra config, stored in every checkpoint
+        # The first step whose loss was not finite (-1: none), kept on the device: a per-step `if not
+        # isfinite(loss)` would stall a GPU on a host sync every step, so the flag is read on logging steps and
+        # before every checkpoint instead (a non-finite run still stops, and no checkpoint holds its weights).
+        # A plain attribute, not a buffer: DDP would broadcast a buffer from rank 0 at every step.
+        self._first_nonfinite_step: Tensor | None = None
 
     # --- training -------------------------------------------------------------------------------------
+    def _is_logging_step(self) -> bool:
+        """Whether Lightning writes this step's ``on_step`` logs (it does when ``(step + 1) % n == 0``)."""
+        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if any step so far had a non-finite loss (one host sync)."""
+        step = -1 if self._first_nonfinite_step is None else int(self._first_nonfinite_step)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"train/loss is not finite at step {step} (detected at step {self.global_step}); the run stopped and "
+                "the last checkpoint was left as it was. Check the data for NaN/inf, or resume with a lower learning "
+                "rate: ckpt_path=last model.optimizer.lr=<lower> (a changed lr replaces the one the checkpoint restores; "
+                "the log says so)."
+            )
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         per_example, t = self.diffusion.loss(self._train_net, batch)
         loss = per_example.mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"train/loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch "
-                f"{self.current_epoch}); the run stopped and the last checkpoint was left as it was. Check the data for NaN/inf, "
-                "or resume with a lower learning rate: ckpt_path=last model.optimizer.lr=<lower> (a changed lr "
-                "replaces the one the checkpoint restores; the log says so)."
-            )
+        # Record the first non-finite step on the device (no sync); read it on logging steps.
+        if self._first_nonfinite_step is None or self._first_nonfinite_step.device != loss.device:
+            self._first_nonfinite_step = torch.tensor(-1, device=loss.device)
+        flag = self._first_nonfinite_step
+        flag.copy_(torch.where((flag < 0) & ~torch.isfinite(loss.detach()), self.global_step, flag))
         self.log("train/loss", loss, prog_bar=True)
-        # Loss per timestep quartile: the standard diagnostic (high-t noise prediction is easy, low-t hard).
-        quartile = (t * 4) // self.diffusion.num_timesteps
-        sums = torch.zeros(4, device=loss.device).scatter_add_(0, quartile, per_example.detach())
-        counts = torch.bincount(quartile, minlength=4)
-        means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
-        for q in range(4):
-            self.log(f"train/loss_q{q}", means[q])
+        if self._is_logging_step():
+            self.check_finite()
+            # Loss per timestep quartile: the standard diagnostic (high-t noise prediction is easy, low-t hard).
+            # Only on logging steps: Lightning would drop the other steps' values anyway.
+            quartile = (t * 4) // self.diffusion.num_timesteps
+            sums = torch.zeros(4, device=loss.device).scatter_add_(0, quartile, per_example.detach().float())
+            counts = torch.bincount(quartile, minlength=4)
+            means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
+            for q in range(4):
+                self.log(f"train/loss_q{q}", means[q])
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            norms = grad_norm(self.net, norm_type=2)
-            if norms:
-                self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        # The global gradient norm before clipping, on logging steps only, as one fused (foreach) reduction.
+        if self._is_logging_step():
+            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+            if grads:
+                self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0))))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -106,14 +134,32 @@ class DiffusionModule(L.LightningModule):
             self.ema.update_parameters(self.net)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.net.parameters())
+        kwargs = {}
+        precision_plugin = getattr(self._trainer, "precision_plugin", None)  # None outside a Trainer (a hand loop)
+        if getattr(precision_plugin, "scaler", None) is not None:
+            # fp16 with a GradScaler: Lightning unscales before clipping, which a fused step (it unscales
+            # itself) does not allow; use the foreach kernels there.
+            kwargs = {"fused": False, "foreach": True}
+        optimizer = self.optimizer_factory(params=self.net.parameters(), **kwargs)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip around any optimizer able to unscale gradients
+        # itself (fused Adam), even under bf16 where nothing is scaled. Without a GradScaler the gradients are
+        # the true ones, so clip them directly (the same global-norm clipping, as one foreach reduction).
+        no_scaler = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        if gradient_clip_val and no_scaler and gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), gradient_clip_val, foreach=True)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # --- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()
         bad = [name for name, p in self.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
         if bad:
             raise NonFiniteLossError(

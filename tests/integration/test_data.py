@@ -110,3 +110,64 @@ def test_shape_mismatch_with_the_model_is_named():
 def test_batch_larger_than_the_data_set():
     with pytest.raises(DataError, match="data.batch_size=64 is larger than the data set \\(10 images\\)"):
         DiffusionDataModule(DigitsSource(), image_size=8, channels=1, batch_size=64, limit=10).setup()
+
+
+def finished_batches(dm: DiffusionDataModule, seed: int = 0) -> list[torch.Tensor]:
+    """One epoch of training batches as the training step receives them (after on_after_batch_transfer)."""
+    dm.setup("fit")
+    torch.manual_seed(seed)
+    return [dm.on_after_batch_transfer(batch, 0) for batch in dm.train_dataloader()]
+
+
+def png_folder(root, n=40, size=(32, 32)):
+    root.mkdir()
+    for i, image in enumerate(make_images(n, size)):
+        image.save(root / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.parametrize("source", ["digits", "png"])
+def test_in_memory_batches_equal_the_per_image_path(tmp_path, source):
+    """Same shuffle (torch's RNG), same pixels, same arithmetic: bit-identical batches without flips; PNGs are
+    stored as uint8, the digits (17 float levels) as float so that nothing is quantised."""
+    if source == "digits":
+        make, shape = DigitsSource, dict(image_size=8, channels=1)
+    else:
+        root = png_folder(tmp_path / "png")
+        make, shape = (lambda: FolderSource(str(root))), dict(image_size=32, channels=3)
+    reference = DiffusionDataModule(make(), batch_size=16, **shape)
+    per_image = finished_batches(reference)
+    dm = DiffusionDataModule(make(), batch_size=16, in_memory=True, **shape)
+    in_memory = finished_batches(dm)
+    assert dm.train_set.images.dtype == (torch.float32 if source == "digits" else torch.uint8)
+    assert len(in_memory) == len(per_image) > 1
+    for a, b in zip(in_memory, per_image):
+        assert torch.equal(a, b)
+    # item access (used by the reference statistics) gives the same finished images
+    assert torch.equal(dm.train_set[3], reference.train_set[3])
+
+
+def test_in_memory_flips_a_random_half_of_the_batch_on_its_device(tmp_path):
+    root = png_folder(tmp_path / "png", n=256, size=(8, 8))
+    dm = DiffusionDataModule(FolderSource(str(root)), image_size=8, channels=3, batch_size=256, hflip=True,
+                             in_memory=True)
+    dm.setup("fit")
+    raw = next(iter(dm.train_dataloader()))
+    assert raw.dtype == torch.uint8  # the loader moves bytes; scaling and flips happen after the transfer
+    torch.manual_seed(1)
+    out = dm.on_after_batch_transfer(raw, 0)
+    plain = raw.float() / 255 * 2 - 1
+    same = (out == plain).flatten(1).all(1)
+    mirrored = (out == plain.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all())  # every image is itself or its mirror image
+    assert 90 < int(mirrored.sum()) < 166  # Binomial(256, 1/2): within 4.6 sigma
+    torch.manual_seed(1)
+    assert torch.equal(dm.on_after_batch_transfer(raw, 0), out)  # the flips follow torch's (restored) RNG
+
+
+def test_in_memory_that_does_not_fit_is_named(monkeypatch):
+    import diffusion_lab.data.datamodule as datamodule
+
+    monkeypatch.setattr(datamodule, "_physical_memory_bytes", lambda: 2**20)
+    with pytest.raises(DataError, match="data.in_memory=true needs .* set data.in_memory=false"):
+        DiffusionDataModule(DigitsSource(), image_size=32, channels=3, batch_size=4, in_memory=True).setup()

@@ -84,3 +84,54 @@ def test_forward_with_parameters_in_any_float_dtype(dtype, tol):
     assert out.dtype == dtype
     error = (out.float() - reference).norm() / reference.norm()
     assert error < tol, f"relative error {error:.2e} in {dtype}"
+
+
+def reference_attention(block, x):
+    """The original formulation: q, k, v as 1x1 convolutions on (B, C, H, W), softmax(q^T k / sqrt(d)) v per head."""
+    b, c, h, w = x.shape
+    heads, d = block.num_heads, c // block.num_heads
+    hn = block.norm(x)
+    q, k, v = (conv(hn).reshape(b, heads, d, h * w) for conv in (block.q, block.k, block.v))
+    weights = torch.softmax(q.transpose(-1, -2) @ k / math.sqrt(d), dim=-1)  # (B, heads, HW, HW)
+    out = (v @ weights.transpose(-1, -2)).reshape(b, c, h, w)
+    return x + block.proj_out(out)
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_qkv_attention_equals_the_three_projection_formula(num_heads, channels_last):
+    """The block runs q/k/v as one product on the token layout; the maths must stay that of the separate 1x1
+    convolutions (so checkpoints and the diffusers mapping keep meaning the same thing), forward and backward."""
+    from diffusion_lab.nets.unet import AttnBlock, UNetConfig
+
+    torch.manual_seed(0)
+    block = AttnBlock(UNetConfig(ch=64, num_heads=num_heads), 64).double()
+    for p in block.parameters():
+        p.data.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, 64, 4, 4, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    got, expected = block(x), reference_attention(block, x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, [x, block.q.weight, block.v.bias], g)
+    ref_grads = torch.autograd.grad(expected, [x, block.q.weight, block.v.bias], g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert sorted(k for k in block.state_dict() if not k.startswith("norm")) == sorted(
+        f"{n}.{leaf}" for n in ("q", "k", "v", "proj_out") for leaf in ("weight", "bias"))
+
+
+def test_channels_last_network_matches_the_default_layout():
+    torch.manual_seed(0)
+    kwargs = dict(image_size=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2), attn_resolutions=(4,))
+    net = UNet(**kwargs).eval()
+    for p in net.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)
+    nhwc = UNet(**kwargs).eval()
+    nhwc.load_state_dict(net.state_dict())
+    nhwc.to(memory_format=torch.channels_last)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(x.contiguous(memory_format=torch.channels_last), t), net(x, t), rtol=1e-4, atol=1e-5)

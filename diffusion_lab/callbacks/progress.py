@@ -211,7 +211,8 @@ class StepProgressBar(TQDMProgressBar):
             if per_evaluation is not None:
                 name = type(cb).__name__
                 remaining = cb.remaining_evaluations(trainer, pl_module, int(self.total))
-                sampling[name] = sampling.get(name, 0.0) + remaining * per_evaluation
+                if remaining:
+                    sampling[name] = sampling.get(name, 0.0) + remaining * per_evaluation
         return (self.total - trainer.global_step) * step_seconds, sampling
 
     def estimate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:

@@ -94,7 +94,8 @@ def test_live_bar_on_a_terminal_counts_global_steps(compose_cfg, capsys, caplog)
 
     cfg = compose_cfg(SMALL + ["trainer.max_steps=4", "trainer.log_every_n_steps=2", "callbacks.progress_bar.tty=true",
                                "callbacks.sample_grid.every_n_steps=0", "callbacks.sample_grid.on_train_end=false",
-                               "callbacks.fid.every_n_steps=0", "callbacks.model_checkpoint.every_n_train_steps=0",
+                               "~callbacks.fid", "~callbacks.best_fid_checkpoint",
+                               "callbacks.model_checkpoint.every_n_train_steps=0",
                                "callbacks.progress_bar.estimate_after=0"], tiny=False)
     with caplog.at_level(logging.INFO, logger="diffusion_lab.callbacks.progress"):
         train(cfg)
@@ -168,3 +169,13 @@ def test_help_is_a_short_project_header_with_the_groups_and_examples(tmp_path):
     assert "--cfg job" in text and "--hydra-help" in text
     assert "max_steps: 800000" not in text and len(text.splitlines()) < 40  # no config dump
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command, group", [("sample", "sampler"), ("evaluate", "data")])
+def test_sample_and_eval_help_name_their_group_options(command, group, tmp_path):
+    result = subprocess.run([sys.executable, "-m", f"diffusion_lab.cli.{command}", "--help"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    options = sorted(p.stem for p in (ROOT / "diffusion_lab" / "conf" / group).glob("*.yaml"))
+    assert f"{group}: {', '.join(options)}" in result.stdout  # the listed options are the shipped ones
+    assert len([line for line in result.stdout.splitlines() if line.startswith("diffusion-lab-")]) >= 3

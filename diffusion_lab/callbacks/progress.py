@@ -102,8 +102,12 @@ def _hms(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(max(0.0, seconds))))
 
 
+def _rate(steps_per_second: float) -> str:
+    return f"{steps_per_second:.2f}" if steps_per_second >= 0.1 else f"{steps_per_second:.3f}"
+
+
 class StepProgressBar(TQDMProgressBar):
-    """Progress over the whole run: ``step 120/3000  4%|▍    | [0:00:21 elapsed, loss 0.0812, val/fid 10.4, ETA 0:08:15]``.
+    """Progress over the whole run: ``step 120/3000  4%|▍    | [00:21 elapsed, loss 0.0812, val/fid 10.4, ETA 0:08:15]``.
 
     Args:
         refresh_rate: redraw the bar every this many steps (terminal only).
@@ -187,6 +191,8 @@ class StepProgressBar(TQDMProgressBar):
                        f"(sampling callbacks {_hms(sampling)}){metrics}")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._train_progress_bar is not None:
+            self._train_progress_bar.close()
         self._restore_console_logging()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -229,7 +235,7 @@ class StepProgressBar(TQDMProgressBar):
             " (estimated: one sampling network evaluation ~ 1/3 of a training image's forward+backward)")
         end = datetime.datetime.now().astimezone() + datetime.timedelta(seconds=total - done)
         return (f"Estimated run time {_hms(total)}, ending about {end:%H:%M %Z}: {_hms(done)} so far + "
-                f"{int(self.total) - trainer.global_step} steps left at {rate:.2f} steps/s (measured over steps "
+                f"{int(self.total) - trainer.global_step} steps left at {_rate(rate)} steps/s (measured over steps "
                 f"{self._first[1] + 1}-{trainer.global_step}) {_hms(training)} + sampling callbacks {parts}{measured}; "
                 "start-up before the first step and the final checkpoint not included")
 
@@ -245,7 +251,7 @@ class StepProgressBar(TQDMProgressBar):
         items = [f"{k} {v:.4g}" for k, v in self.get_metrics(trainer, pl_module).items()]
         rate = self._steps_per_second(trainer)
         if rate is not None:
-            items.append(f"{rate:.2f} steps/s")
+            items.append(f"{_rate(rate)} steps/s")
         left = self.remaining_seconds(trainer, pl_module)
         items.append(f"ETA {_hms(left[0] + sum(left[1].values()))}" if left else "ETA ?")
         return items

@@ -36,7 +36,7 @@ def cli_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
             "callbacks.fid.every_n_steps=6", "callbacks.fid.num_samples=32", "callbacks.fid.batch_size=32",
             "callbacks.fid.sampler.num_steps=2", "callbacks.model_checkpoint.every_n_train_steps=0",
             "callbacks.progress_bar.estimate_after=2", f"paths.root_dir={tmp}"]
-    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp, timeout=600)
+    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (tmp / "runs" / "digits").iterdir()
     return result, run

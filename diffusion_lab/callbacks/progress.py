@@ -107,7 +107,7 @@ def _rate(steps_per_second: float) -> str:
 
 
 class StepProgressBar(TQDMProgressBar):
-    """Progress over the whole run: ``step 120/3000  4%|▍    | [00:21 elapsed, loss 0.0812, val/fid 10.4, ETA 0:08:15]``.
+    """Progress over the whole run: ``step 120/3000  4%|▍  | [00:21 elapsed, loss 0.0812, val/fid 10.4, ETA 0:08:15]``.
 
     Args:
         refresh_rate: redraw the bar every this many steps (terminal only).
@@ -147,7 +147,8 @@ class StepProgressBar(TQDMProgressBar):
         batch = getattr(trainer.datamodule, "batch_size", None)
         self._emit(
             f"Training steps {trainer.global_step} -> {self._total_str()}: {trainer.num_training_batches} batches per "
-            f"epoch{f' of {batch}' if batch else ''}, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
+            f"epoch{f' of {batch}' if batch else ''}, "
+            f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
             f"{type(trainer.accelerator).__name__.replace('Accelerator', '').lower()} x {trainer.world_size}, "
             f"precision {trainer.precision}; a progress line every {trainer.log_every_n_steps} steps"
         )
@@ -203,7 +204,9 @@ class StepProgressBar(TQDMProgressBar):
         return {k: float(v) for k, v in shown.items()}
 
     # --- the estimate ----------------------------------------------------------------------------------
-    def remaining_seconds(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[float, dict[str, float]] | None:
+    def remaining_seconds(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> tuple[float, dict[str, float]] | None:
         """(seconds of training left, {sampling callback: seconds left}), or None before a rate is measured."""
         rate = self._steps_per_second(trainer)
         if rate is None or self.total == float("inf"):

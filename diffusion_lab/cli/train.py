@@ -53,7 +53,7 @@ def _task_overrides(cfg: DictConfig) -> list[str]:
 
 
 def _config_summary(cfg: DictConfig) -> str:
-    """The chosen config groups and the command-line overrides, e.g. ``experiment=digits data=digits ...; overrides: -``."""
+    """The chosen config groups and the command-line overrides: ``experiment=digits data=digits ...; overrides: -``."""
     choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None)
     if choices is None and HydraConfig.initialized():
         choices = HydraConfig.get().runtime.choices

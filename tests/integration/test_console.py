@@ -32,7 +32,8 @@ def cli_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """
     tmp = tmp_path_factory.mktemp("console")
     args = [sys.executable, "-m", "diffusion_lab.cli.train", *SMALL, "data.limit=32", "trainer.max_steps=6",
-            "trainer.log_every_n_steps=3", "callbacks.sample_grid.every_n_steps=6", "callbacks.sample_grid.at_steps=[3]",
+            "trainer.log_every_n_steps=3", "callbacks.sample_grid.every_n_steps=6",
+            "callbacks.sample_grid.at_steps=[3]",
             "callbacks.fid.every_n_steps=6", "callbacks.fid.num_samples=32", "callbacks.fid.batch_size=32",
             "callbacks.fid.sampler.num_steps=2", "callbacks.model_checkpoint.every_n_train_steps=0",
             "callbacks.progress_bar.estimate_after=2", f"paths.root_dir={tmp}"]
@@ -66,9 +67,9 @@ def test_train_log_holds_what_the_console_showed(cli_run):
     messages = [re.sub(r"^\[\d\d:\d\d:\d\d \w+\] ", "", line) for line in result.stdout.splitlines()]
     missing = [m for m in messages if m.strip() and m not in log]
     assert not missing, missing[:5]
-    for expected in ("Run folder:", "Config: experiment=digits", "Total params", "step 3/6 (50%)", "step 6/6 (100%)",
-                     "step 3: sample grid", "step 6: val/fid", "Estimated run time", "`Trainer.fit` stopped: `max_steps=6`",
-                     "Finished at step 6"):
+    for expected in ("Run folder:", "Config: ", "experiment=digits", "Total params", "step 3/6 (50%)",
+                     "step 6/6 (100%)", "step 3: sample grid", "step 6: val/fid", "Estimated run time",
+                     "`Trainer.fit` stopped: `max_steps=6`", "Finished at step 6"):
         assert expected in log, expected
     assert re.search(r"WARNING py\.warnings\].*smaller than the logging interval", log)
     assert "smaller than the logging interval" not in result.stderr
@@ -158,7 +159,7 @@ def test_grid_cells_are_padded_with_grey(size, channels, cell, pad):
 
 def test_help_is_a_short_project_header_with_the_groups_and_examples(tmp_path):
     result = subprocess.run([sys.executable, "-m", "diffusion_lab.cli.train", "--help"], capture_output=True,
-                            text=True, cwd=tmp_path, timeout=120)
+                            text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert text.startswith("diffusion-lab-train: train a denoising diffusion model")
@@ -174,7 +175,7 @@ def test_help_is_a_short_project_header_with_the_groups_and_examples(tmp_path):
 @pytest.mark.parametrize("command, group", [("sample", "sampler"), ("evaluate", "data")])
 def test_sample_and_eval_help_name_their_group_options(command, group, tmp_path):
     result = subprocess.run([sys.executable, "-m", f"diffusion_lab.cli.{command}", "--help"], capture_output=True,
-                            text=True, cwd=tmp_path, timeout=120)
+                            text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
     options = sorted(p.stem for p in (ROOT / "diffusion_lab" / "conf" / group).glob("*.yaml"))
     assert f"{group}: {', '.join(options)}" in result.stdout  # the listed options are the shipped ones

@@ -8,17 +8,21 @@ monitoring ``val/fid`` (callbacks/eval.yaml) keeps the best-FID checkpoint, as t
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from diffusion_lab.callbacks.progress import SamplingClock, count_due
 from diffusion_lab.metrics.evaluate import generate_features
 from diffusion_lab.metrics.extractors import make_extractor
 from diffusion_lab.metrics.fidelity import MetricsConfig, compute_metrics
 from diffusion_lab.metrics.reference import get_reference
 from diffusion_lab.samplers.base import Sampler
+
+_log = logging.getLogger(__name__)  # (`log` is a flag of run())
 
 
 class FIDEvaluation(L.Callback):
@@ -45,6 +49,7 @@ class FIDEvaluation(L.Callback):
         self.reference: dict | None = None
         self.extractor: Any = None
         self.history: list[dict[str, float]] = []
+        self.clock = SamplingClock()
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -73,13 +78,22 @@ class FIDEvaluation(L.Callback):
         if self.at_train_end and trainer.global_step != self._last_step:
             self.run(trainer, pl_module, log=False)
 
+    def remaining_evaluations(self, trainer: L.Trainer, pl_module: L.LightningModule, last_step: int) -> int:
+        """Single-image network evaluations this rank will still run after the current step up to ``last_step``."""
+        runs = count_due(self.every_n_steps, (), trainer.global_step, last_step)
+        if self.at_train_end and not (self.every_n_steps > 0 and last_step % self.every_n_steps == 0):
+            runs += 1
+        per_rank = len(range(trainer.global_rank, self.num_samples, trainer.world_size))
+        return runs * per_rank * len((self.sampler or pl_module.sampler).visited(pl_module.diffusion))
+
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> dict[str, float]:
         self._last_step = trainer.global_step
         sampler = self.sampler or pl_module.sampler
         rank, world = trainer.global_rank, trainer.world_size
         indices = list(range(rank, self.num_samples, world))
-        features, logits, _ = generate_features(pl_module.ema_net, pl_module.diffusion, sampler, indices,
-                                                self.extractor, self.seed, self.batch_size, pl_module.device)
+        with self.clock.measure(len(indices) * len(sampler.visited(pl_module.diffusion))):
+            features, logits, _ = generate_features(pl_module.ema_net, pl_module.diffusion, sampler, indices,
+                                                    self.extractor, self.seed, self.batch_size, pl_module.device)
         if world > 1:
             features, logits = self._gather(pl_module, features, logits)
         scores = compute_metrics(features, logits, self.reference, self.metrics)
@@ -93,6 +107,9 @@ class FIDEvaluation(L.Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
+            _log.info("step %d: %s (%d samples, %s %d steps, %.1f s)", trainer.global_step,
+                      ", ".join(f"{k} {v:.4g}" for k, v in values.items()), self.num_samples, sampler.name,
+                      len(sampler.visited(pl_module.diffusion)), self.clock.last)
         return scores
 
     def _gather(self, pl_module: L.LightningModule, features: torch.Tensor, logits: torch.Tensor):

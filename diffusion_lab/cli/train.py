@@ -35,6 +35,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     status = RunStatus(output_dir, _task_overrides(cfg)) if rank_zero_only.rank == 0 else None
     if status:
         status.start()
+        log.info("Run folder: %s", output_dir.resolve())
+        log.info("Config: %s (resolved in config.yaml)", _config_summary(cfg))
     try:
         metrics = _train(cfg, output_dir)
     except BaseException as error:
@@ -51,6 +53,15 @@ def _task_overrides(cfg: DictConfig) -> list[str]:
     if overrides is None and HydraConfig.initialized():
         overrides = HydraConfig.get().overrides.task
     return [str(o) for o in overrides or []]
+
+
+def _config_summary(cfg: DictConfig) -> str:
+    """The chosen config groups and the command-line overrides: ``experiment=digits data=digits ...; overrides: -``."""
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None)
+    if choices is None and HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+    groups = " ".join(f"{k}={v}" for k, v in (choices or {}).items() if not k.startswith("hydra") and v is not None)
+    return f"{groups}; overrides: {' '.join(_task_overrides(cfg)) or '-'}"
 
 
 def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
@@ -145,6 +156,7 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
 @main_guard  # above hydra.main: also reports Hydra's composition errors (mistyped keys, YAML syntax) in one line
 @hydra.main(version_base="1.3", config_path="pkg://diffusion_lab.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    logging.captureWarnings(True)  # Python warnings reach the console and train.log through logging
     metrics = train(cfg)
     name = cfg.get("optimized_metric")
     if not name:

@@ -23,10 +23,10 @@ from tests.conftest import eval_command
 def test_bound_falls_as_a_digits_model_trains():
     """bits/dim of 32 digits at steps 0 < 60 < 200 of a small learned-variance run trained with L_hybrid.
 
-    Step 0 is known exactly: the U-Net's output layer is zero-initialised, so the model is eps = 0, v = 0
-    (x_0 predicted as x_t / sqrt(alpha-bar), the variance half way between beta and beta-tilde in log space)
-    and its bound must equal that of a network returning zeros, with the same per-image noise. Training must then
-    lower the bound at every checkpoint, and by a clear margin by step 200.
+    Step 0 is known: the output layer is initialised at scale 1e-10 (as in the original code), so the model is
+    eps = v = 0 to 1e-10 (x_0 predicted as x_t / sqrt(alpha-bar), the variance half way between beta and
+    beta-tilde in log space) and its bound must equal that of a network returning zeros, with the same per-image
+    noise. Training must then lower the bound at every checkpoint, and by a clear margin by step 200.
     """
     torch.manual_seed(0)
     dm = DiffusionDataModule(DigitsSource(), name="digits", image_size=8, channels=1, batch_size=64,

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffusion_lab.diffusion.gaussian import LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCES
+from diffusion_lab.diffusion.gaussian import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES, VARIANCES
 from diffusion_lab.diffusion.schedules import SCHEDULES
 from diffusion_lab.errors import UserError
 from diffusion_lab.samplers.timesteps import SPACINGS
@@ -33,6 +33,8 @@ ALLOWED_VALUES: dict[str, tuple[Any, ...]] = {
     "diffusion.loss_weighting": LOSS_WEIGHTINGS,
     "sampler.spacing": SPACINGS,
     "sampler.variance": VARIANCES,
+    "diffusion.variance": VARIANCES,
+    "diffusion.loss": LOSSES,
     "data.channels": (1, 3),
 }
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -47,6 +49,7 @@ def validate_config(cfg: DictConfig) -> None:
     for path, node in _target_nodes(cfg, ""):
         _check_keys(path, node)
     _check_max_steps(cfg)
+    check_out_channels(cfg)
 
 
 def _check_max_steps(cfg: DictConfig) -> None:
@@ -63,6 +66,22 @@ def _check_max_steps(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.max_steps={steps!r}: training needs a positive number of optimizer steps, e.g. "
             "trainer.max_steps=3000 (for an epoch limit instead, set trainer.max_steps=-1 trainer.max_epochs=N)"
+        )
+
+
+def check_out_channels(cfg: DictConfig) -> None:
+    """A start-up error when model.net.out_channels disagrees with data.channels and diffusion.variance."""
+    channels = OmegaConf.select(cfg, "data.channels", default=None)
+    variance = OmegaConf.select(cfg, "diffusion.variance", default=None)
+    out = OmegaConf.select(cfg, "model.net.out_channels", default=None)
+    if channels is None or variance is None or out is None:
+        return
+    want = 2 * int(channels) if variance == "learned_range" else int(channels)
+    if int(out) != want:
+        raise ConfigError(
+            f"model.net.out_channels={out} but data.channels={channels} with diffusion.variance={variance} needs "
+            f"{want} ({'the mean part and v: 2C' if variance == 'learned_range' else 'C'}); remove the override "
+            "(the default ${net_out_channels:...} follows data.channels and diffusion.variance) or change the variance"
         )
 
 

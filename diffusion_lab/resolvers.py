@@ -31,6 +31,12 @@ def run_name(task_name: str) -> str:
     return task_name
 
 
-for _name, _resolver in (("run_group", run_group), ("run_name", run_name)):
+def net_out_channels(data_channels: int, variance: str) -> int:
+    """``${net_out_channels:${data.channels},${diffusion.variance}}``: C, or 2C for a learned variance (the mean
+    part and v of Improved DDPM eq. 15)."""
+    return 2 * int(data_channels) if variance == "learned_range" else int(data_channels)
+
+
+for _name, _resolver in (("run_group", run_group), ("run_name", run_name), ("net_out_channels", net_out_channels)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)

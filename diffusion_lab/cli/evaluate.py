@@ -22,6 +22,7 @@ from rich.progress import Progress
 from diffusion_lab.metrics.evaluate import evaluate, library_versions
 from diffusion_lab.metrics.extractors import make_extractor
 from diffusion_lab.metrics.fidelity import MetricsConfig
+from diffusion_lab.metrics.likelihood import append_markdown, nll_cell
 from diffusion_lab.metrics.reference import get_reference
 from diffusion_lab.reports.fid_report import log_to_wandb, write_report
 from diffusion_lab.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
@@ -121,7 +122,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             progress.remove_task(task)
             progress.advance(overall)
             log.info("%s: %s", sampler.config(), {k: round(v, 3) for k, v in cell["metrics"].items()})
+    if cfg.nll.enabled:  # the bound in bits/dim (issue 12): its own module, a cell of report.json
+        report["nll"] = nll_cell(net, diffusion, datamodule, cfg.nll, out, device)
     paths = write_report(report, out)
+    if cfg.nll.enabled:
+        append_markdown(report["nll"], paths["markdown"])
     log.info("report: %s", ", ".join(str(p) for p in paths.values()))
     if cfg.wandb.enabled:
         task = (checkpoint_config(ckpt) or {}).get("task_name") or ckpt.stem

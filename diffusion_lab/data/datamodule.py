@@ -180,12 +180,14 @@ class DiffusionDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         drop_last: bool = True,
         in_memory: bool = False,
+        quantization_levels: int = 256,  # intensity levels of the stored images (the likelihood's bin width)
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(f"data.batch_size must be >= 1, got {batch_size}")
         self.source, self.name, self.batch_size, self.num_workers = source, name, batch_size, num_workers
         self.limit, self.pin_memory, self.drop_last, self.in_memory = limit, pin_memory, drop_last, in_memory
+        self.quantization_levels = quantization_levels
         self.transform = ImageTransform(image_size, channels, hflip=hflip, center_crop=center_crop)
         self.train_set: Dataset | None = None
 

@@ -5,6 +5,9 @@ alpha-bar_t = prod_{s<=t} alpha_s -> ``alphas_cumprod``, beta-tilde_t -> ``poste
 Timesteps are 0-based: t in [0, T), so the paper's t = 1 is index 0 here.
 
 The object holds no trainable parameters: the network is passed to :meth:`GaussianDiffusion.loss`.
+With ``variance="learned_range"`` the network outputs 2C channels: the mean parameterisation, then v with
+log Sigma = frac log beta_t + (1 - frac) log beta-tilde_t, frac = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15,
+improved-diffusion's LEARNED_RANGE); every sampler reads the output through :meth:`split_output`.
 The schedule is kept in float64 registered buffers (moved by ``.to(device)``, saved in checkpoints) and
 each lookup is cast to the dtype of the tensor it multiplies, as the original code did with numpy.
 """
@@ -17,11 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_lab.diffusion.likelihood import LOG2, discretized_gaussian_log_likelihood, mean_over_dims, normal_kl
 from diffusion_lab.diffusion.schedules import make_betas
 
 PREDICTION_TYPES = ("eps", "x0", "v")
 LOSS_WEIGHTINGS = ("none", "min_snr")
-VARIANCES = ("fixed_large", "fixed_small")
+VARIANCES = ("fixed_large", "fixed_small", "learned_range")
+LOSSES = ("simple", "vlb", "hybrid")
+# Improved DDPM's lambda for L_hybrid = L_simple + lambda L_vlb (section 3.1).
+HYBRID_LAMBDA = 0.001
 
 NetFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -46,8 +53,23 @@ class GaussianDiffusion(nn.Module):
         prediction_type: str = "eps",
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
+        variance: str = "fixed_large",
+        loss: str = "simple",
+        quantization_levels: int = 256,
     ) -> None:
         super().__init__()
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown diffusion.variance {variance!r}; allowed: {', '.join(VARIANCES)}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown diffusion.loss {loss!r}; allowed: {', '.join(LOSSES)}")
+        if loss == "hybrid" and variance != "learned_range":
+            raise ValueError("diffusion.loss=hybrid trains only the variance through L_vlb (the mean is stop-"
+                             "gradiented), so it needs diffusion.variance=learned_range; with a fixed variance use "
+                             "diffusion.loss=simple or vlb")
+        if quantization_levels < 2:
+            raise ValueError(f"diffusion.quantization_levels must be >= 2 (256 for 8-bit images), got "
+                             f"{quantization_levels}")
+        self.variance, self.loss_type, self.quantization_levels = variance, loss, quantization_levels
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -90,6 +112,8 @@ class GaussianDiffusion(nn.Module):
         register("posterior_log_variance_clipped", torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log())
         # "fixed large" uses beta_t, with the same t = 0 substitution (Ho et al., diffusion_utils_2.py).
         register("large_log_variance", torch.cat([posterior_variance[1:2], betas[1:]]).log())
+        # learned_range interpolates between log beta-tilde (clipped) and log beta_t itself (improved-diffusion).
+        register("log_betas", betas.log())
         # mu-tilde_t(x_t, x_0) = coef1 * x_0 + coef2 * x_t  (Ho et al. eq. 7)
         register("posterior_mean_coef1", betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod))
         register("posterior_mean_coef2", (1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod))
@@ -121,12 +145,39 @@ class GaussianDiffusion(nn.Module):
     def eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         return extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t + extract(self.sqrt_alphas_cumprod, t, x_t) * v
 
+    @property
+    def learned_variance(self) -> bool:
+        return self.variance == "learned_range"
+
+    def output_channels(self, data_channels: int) -> int:
+        """The channels the network must output for images with ``data_channels`` channels (2C when learned)."""
+        return 2 * data_channels if self.learned_variance else data_channels
+
+    def split_output(self, model_output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(mean part, v or None): a 2C-channel output of a learned-variance net is split; C channels pass through.
+
+        Every sampler reads the network through :meth:`predict_x0_eps`, which calls this, so DDIM and DPM-Solver
+        use only the mean part of a learned-variance model.
+        """
+        channels, got = x_t.shape[1], model_output.shape[1]
+        want = self.output_channels(channels)
+        if got != want:
+            fix = (f"set model.net.out_channels={want} (learned_range: the mean part and v)" if self.learned_variance
+                   else f"set model.net.out_channels={want}, or diffusion.variance=learned_range for a 2C-channel net")
+            raise ValueError(f"the network returned {got} channels for {channels}-channel images with "
+                             f"diffusion.variance={self.variance}, which needs {want}; {fix}")
+        if not self.learned_variance:
+            return model_output, None
+        mean_part, v = model_output.split(channels, dim=1)
+        return mean_part, v
+
     def predict_x0_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_x0: bool = False) -> tuple[Tensor, Tensor]:
         """(x0, eps) implied by the network's output under ``prediction_type``.
 
         With ``clip_x0`` the predicted x0 is clipped to [-1, 1] and eps is recomputed from the clipped x0,
         so that both describe the same point (diffusers' ``use_clipped_model_output``).
         """
+        model_output = self.split_output(model_output, x_t)[0]
         if self.prediction_type == "eps":
             eps = model_output
             x0 = self.x0_from_eps(x_t, t, eps)
@@ -147,13 +198,69 @@ class GaussianDiffusion(nn.Module):
         mean = extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, extract(self.posterior_variance, t, x_t), extract(self.posterior_log_variance_clipped, t, x_t)
 
-    def reverse_log_variance(self, t: Tensor, like: Tensor, variance: str = "fixed_large") -> Tensor:
-        """log sigma_t^2 of p(x_{t-1} | x_t): beta_t ("fixed_large") or beta-tilde_t ("fixed_small")."""
+    def reverse_log_variance(
+        self, t: Tensor, like: Tensor, variance: str | None = None, v: Tensor | None = None
+    ) -> Tensor:
+        """log sigma_t^2 of p(x_{t-1} | x_t): beta_t ("fixed_large"), beta-tilde_t ("fixed_small") or the learned
+        interpolation frac log beta_t + (1 - frac) log beta-tilde_t, frac = (v + 1) / 2 ("learned_range",
+        Improved DDPM eq. 15). ``variance`` defaults to this diffusion's own."""
+        variance = variance or self.variance
         if variance == "fixed_large":
             return extract(self.large_log_variance, t, like)
         if variance == "fixed_small":
             return extract(self.posterior_log_variance_clipped, t, like)
+        if variance == "learned_range":
+            if v is None:
+                raise ValueError("variance=learned_range needs the network's v channels (a 2C-channel output)")
+            return interpolate_log_variance(v, extract(self.log_betas, t, like), extract(self.posterior_log_variance_clipped, t, like))
         raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
+
+    def p_mean_variance(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_x0: bool = False, variance: str | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, log-variance and predicted x_0 of p(x_{t-1} | x_t) from the network output (Ho et al. eq. 11
+        through the posterior mean of eq. 7), with this diffusion's variance or the fixed one named."""
+        v = self.split_output(model_output, x_t)[1]
+        x0, _ = self.predict_x0_eps(model_output, x_t, t, clip_x0=clip_x0)
+        mean, _, _ = self.q_posterior(x0, x_t, t)
+        return mean, self.reverse_log_variance(t, x_t, variance=variance, v=v), x0
+
+    # --- the variational bound (Ho et al. eq. 5), in bits per dimension -----------------------------------
+    def vb_terms(
+        self,
+        model_output: Tensor,
+        x0: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        clip_x0: bool = False,
+        variance: str | None = None,
+        quantization_levels: int | None = None,
+    ) -> Tensor:
+        """Per-example L_{t-1} in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and the
+        discretised decoder NLL -log p(x_0|x_1) at t = 0 (0-based t; improved-diffusion's ``_vb_terms_bpd``).
+
+        ``variance`` (default: this diffusion's) and ``quantization_levels`` (default: this diffusion's) let an
+        evaluation score a fixed-variance model either way, on data of any bit depth.
+        """
+        levels = quantization_levels or self.quantization_levels
+        true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
+        mean, log_var, _ = self.p_mean_variance(model_output, x_t, t, clip_x0=clip_x0, variance=variance)
+        terms = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+        decoder = t == 0
+        if (~decoder).any():
+            kl = normal_kl(true_mean.double(), true_log_var.double(), mean.double(), log_var.double())
+            terms = torch.where(decoder, terms, mean_over_dims(kl))
+        if decoder.any():
+            nll = -mean_over_dims(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var, levels))
+            terms = torch.where(decoder, nll, terms)
+        return (terms / LOG2).to(x0.dtype)
+
+    def prior_bpd(self, x0: Tensor) -> Tensor:
+        """L_T = KL(q(x_T | x_0) || N(0, I)) per example in bits/dim (no parameters: a constant of the data)."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean, var = self.q_mean_variance(x0.double(), t)
+        kl = normal_kl(mean, var.log().expand_as(mean), torch.zeros_like(mean), torch.zeros_like(mean))
+        return (mean_over_dims(kl) / LOG2).to(x0.dtype)
 
     # --- training objective ---------------------------------------------------------------------------
     def training_target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -178,19 +285,43 @@ class GaussianDiffusion(nn.Module):
         return weight.float()
 
     def loss(self, net: NetFn, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """L_simple (Ho et al. eq. 14): per-example MSE between target and net(x_t, t), t ~ U{0, ..., T-1}.
+        """The per-example training loss at t ~ U{0, ..., T-1}; returns ``(per_example_loss, t)``.
 
-        Returns ``(per_example_loss, t)`` so that callers can both reduce and break the loss down by timestep.
+        - ``simple``: L_simple (Ho et al. eq. 14), the MSE between the target and the mean part of net(x_t, t).
+        - ``vlb``: T * L_{t-1} in bits/dim, an unbiased estimate of the bound minus its constant L_T
+          (improved-diffusion's RESCALED_KL); gradients reach mean and variance.
+        - ``hybrid``: L_simple + lambda T * L_{t-1} with lambda = 0.001 and the mean stop-gradiented inside the
+          vlb term (Nichol & Dhariwal 2021, section 3.1). T * 0.001 is improved-diffusion's ``num_timesteps /
+          1000`` factor on its bits/dim vb term, so the weight of the variance relative to the MSE is theirs.
         """
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.q_sample(x0, t, noise)
         output = net(x_t, t)
-        if output.shape != x0.shape:
+        if output.shape[0] != x0.shape[0] or output.shape[2:] != x0.shape[2:]:
             raise ValueError(f"the network returned shape {tuple(output.shape)} for input {tuple(x0.shape)}")
+        mean_part, v = self.split_output(output, x_t)
+        if v is not None and self.loss_type == "simple":  # checked here: sampling-only objects may say "simple"
+            raise ValueError("diffusion.variance=learned_range needs a loss that trains the variance: L_simple gives "
+                             "it no gradient; use diffusion.loss=hybrid (Improved DDPM) or diffusion.loss=vlb")
+        if self.loss_type == "vlb":
+            return self.num_timesteps * self.vb_terms(output.float(), x0, x_t, t), t
         target = self.training_target(x0, t, noise)
-        per_example = F.mse_loss(output.float(), target.float(), reduction="none").flatten(1).mean(1)
-        return per_example * self.loss_weight(t), t
+        per_example = F.mse_loss(mean_part.float(), target.float(), reduction="none").flatten(1).mean(1)
+        per_example = per_example * self.loss_weight(t)
+        if self.loss_type == "hybrid":
+            assert v is not None  # checked in __init__: hybrid needs learned_range
+            frozen = torch.cat([mean_part.detach(), v], dim=1).float()
+            per_example = per_example + HYBRID_LAMBDA * self.num_timesteps * self.vb_terms(frozen, x0, x_t, t)
+        return per_example, t
 
     def extra_repr(self) -> str:
-        return f"T={self.num_timesteps}, schedule={self.schedule!r}, prediction_type={self.prediction_type!r}"
+        return (f"T={self.num_timesteps}, schedule={self.schedule!r}, prediction_type={self.prediction_type!r}, "
+                f"variance={self.variance!r}, loss={self.loss_type!r}")
+
+
+def interpolate_log_variance(v: Tensor, max_log: Tensor, min_log: Tensor) -> Tensor:
+    """log Sigma = frac max_log + (1 - frac) min_log with frac = (v + 1) / 2 (Improved DDPM eq. 15; v in [-1, 1]
+    nominally but not clipped, as in improved-diffusion). Shared by the full chain and strided DDPM sampling."""
+    frac = (v + 1) / 2
+    return frac * max_log + (1 - frac) * min_log

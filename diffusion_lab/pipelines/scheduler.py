@@ -26,6 +26,8 @@ UNMODELLED: dict[str, tuple[Any, str]] = {
 # diffusers name <-> this project's name
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine", "sigmoid": "sigmoid"}
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+# learned_range: a UNet2DModel with out_channels = 2C (Improved DDPM's learned variances), both ways.
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 
 
 @dataclasses.dataclass
@@ -45,8 +47,8 @@ class SchedulerConfig:
             raise ValueError(f"beta_schedule={self.beta_schedule!r} is not supported; allowed: {list(BETA_SCHEDULES)}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type={self.prediction_type!r} is not supported; allowed: {list(PREDICTION_TYPES)}")
-        if self.variance_type not in ("fixed_small", "fixed_large"):
-            raise ValueError(f"variance_type={self.variance_type!r} is not supported; allowed: fixed_small, fixed_large")
+        if self.variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type={self.variance_type!r} is not supported; allowed: {', '.join(VARIANCE_TYPES)}")
 
     def diffusion(self) -> GaussianDiffusion:
         return GaussianDiffusion(
@@ -56,12 +58,15 @@ class SchedulerConfig:
             beta_end=self.beta_end,
             zero_terminal_snr=self.rescale_betas_zero_snr,
             prediction_type=PREDICTION_TYPES[self.prediction_type],
+            variance=self.variance_type,
         )
 
     @classmethod
     def from_diffusion(cls, diffusion: GaussianDiffusion, **kwargs: Any) -> "SchedulerConfig":
         schedule = {v: k for k, v in BETA_SCHEDULES.items()}[diffusion.schedule]
         prediction = {v: k for k, v in PREDICTION_TYPES.items()}[diffusion.prediction_type]
+        if diffusion.learned_variance:  # the net's 2C outputs only make sense with the learned variance
+            kwargs["variance_type"] = "learned_range"
         return cls(num_train_timesteps=diffusion.num_timesteps, beta_schedule=schedule,
                    beta_start=diffusion.beta_start, beta_end=diffusion.beta_end,
                    prediction_type=prediction, rescale_betas_zero_snr=diffusion.zero_terminal_snr, **kwargs)

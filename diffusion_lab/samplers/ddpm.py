@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion.gaussian import VARIANCES, GaussianDiffusion
+from diffusion_lab.diffusion.gaussian import VARIANCES, GaussianDiffusion, interpolate_log_variance
 from diffusion_lab.samplers.base import NetFn, NoiseFn, Sampler
 
 
 @dataclasses.dataclass(frozen=True)
 class DDPMSampler(Sampler):
-    """Ancestral sampling with sigma_t^2 = beta_t ("fixed_large") or beta-tilde_t ("fixed_small").
+    """Ancestral sampling with sigma_t^2 = beta_t ("fixed_large"), beta-tilde_t ("fixed_small"), or the learned
+    interpolation between them ("learned_range", Improved DDPM eq. 15; needs a 2C-channel learned-variance model).
+    A fixed variance on a learned-variance model uses only its mean part.
 
     With fewer steps than T, the betas are respaced over the visited timesteps tau (improved-diffusion's
     ``space_timesteps``): beta'_i = 1 - alpha-bar_{tau_i} / alpha-bar_{tau_{i-1}}; with "fixed_large" this is
-    the sigma-hat row of DDIM's Table 1.
+    the sigma-hat row of DDIM's Table 1. "learned_range" interpolates between the respaced log beta'_t and
+    log beta-tilde'_t = log(beta'_t (1 - alpha-bar_{tau_{i-1}}) / (1 - alpha-bar_{tau_i})), as improved-diffusion's
+    ``respace.py`` does (and diffusers' DDPMScheduler with variance_type="learned_range").
     """
 
     variance: str = "fixed_large"
@@ -34,14 +39,22 @@ class DDPMSampler(Sampler):
         a_t, a_prev = self._alpha_bars(diffusion, t, t_prev, x)
         beta = 1 - a_t / a_prev
         # 2. predicted x_0 from the network output (eq. 15), optionally clipped
-        x0, _ = diffusion.predict_x0_eps(net(x, t_batch), x, t_batch, clip_x0=self.clip_denoised)
+        output = net(x, t_batch)
+        x0, _ = diffusion.predict_x0_eps(output, x, t_batch, clip_x0=self.clip_denoised)
         # 3. posterior mean mu-tilde(x_t, x_0) (eq. 7)
         mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x
         if t_prev < 0:
             return mean  # the last step adds no noise
         # 4. x_{t-1} = mu + sigma_t z (Algorithm 2, line 4)
+        beta_tilde = beta * (1 - a_prev) / (1 - a_t)
         if self.variance == "fixed_large":
-            var = beta
-        else:
-            var = beta * (1 - a_prev) / (1 - a_t)
-        return mean + var.sqrt() * noise()
+            return mean + beta.sqrt() * noise()
+        if self.variance == "fixed_small":
+            return mean + beta_tilde.sqrt() * noise()
+        v = diffusion.split_output(output, x)[1]
+        if v is None:
+            raise ValueError("sampler.variance=learned_range needs a learned-variance model (diffusion.variance="
+                             "learned_range, 2C output channels); this one has a fixed variance: use "
+                             f"sampler.variance={diffusion.variance}")
+        log_var = interpolate_log_variance(v, beta.log(), beta_tilde.log())
+        return mean + torch.exp(0.5 * log_var) * noise()

@@ -22,7 +22,8 @@ def options(group: str) -> list[str]:
 
 def test_conf_is_shipped_inside_the_package():
     assert (CONF / "train.yaml").is_file()
-    assert options("experiment") == ["ddpm_celebahq256", "ddpm_cifar10", "ddpm_lsun_church256", "digits"]
+    assert options("experiment") == ["ddpm_celebahq256", "ddpm_cifar10", "ddpm_lsun_church256", "digits",
+                                      "iddpm_cifar10"]
 
 
 @pytest.mark.parametrize("option", options("diffusion"))
@@ -100,7 +101,7 @@ def stand_in(option: str, tmp_path: Path) -> list[str]:
 
     if option == "digits":  # its run evaluates FID at the end: keep that small too
         return ["callbacks.fid.num_samples=32", "callbacks.fid.batch_size=32"]
-    size, column = ((32, 32), "img") if option == "ddpm_cifar10" else ((300, 270), "image")
+    size, column = ((32, 32), "img") if option in ("ddpm_cifar10", "iddpm_cifar10") else ((300, 270), "image")
     features = datasets.Features({column: datasets.Image()})
     path = tmp_path / f"{option}_local"
     datasets.Dataset.from_dict({column: make_images(4, size)}, features=features).save_to_disk(str(path))
@@ -130,12 +131,39 @@ def test_cifar10_experiment_is_the_paper_recipe(compose_cfg):
     assert cfg.sampler.variance == "fixed_large" and cfg.sampler.num_steps is None  # None: all T = 1000 steps
 
 
+def test_iddpm_cifar10_experiment_is_the_improved_ddpm_recipe(compose_cfg):
+    cfg = compose_cfg(["experiment=iddpm_cifar10"], tiny=False)
+    validate_config(cfg)
+    d = cfg.diffusion
+    assert (d.schedule, d.num_timesteps, d.variance, d.loss) == ("cosine", 4000, "learned_range", "hybrid")
+    net = cfg.model.net
+    assert (net.ch, list(net.ch_mult), net.num_res_blocks, list(net.attn_resolutions), net.dropout) == (
+        128, [1, 2, 2, 2], 3, [16, 8], 0.3)
+    assert net.out_channels == 6  # eps and v for 3 channels, from the ${net_out_channels:...} resolver
+    assert cfg.model.optimizer.lr == 1e-4 and cfg.data.batch_size == 128 and cfg.trainer.max_steps == 500_000
+    assert cfg.sampler.variance == "learned_range"
+
+
+def test_learned_variance_doubles_the_output_channels_and_a_mismatch_fails_at_start_up(compose_cfg):
+    cfg = compose_cfg(["diffusion.variance=learned_range", "diffusion.loss=hybrid"])
+    validate_config(cfg)
+    assert cfg.model.net.out_channels == 2 and cfg.data.quantization_levels == 17
+    assert cfg.diffusion.quantization_levels == 17
+    assert compose_cfg([]).model.net.out_channels == 1
+    bad = compose_cfg(["diffusion.variance=learned_range", "diffusion.loss=hybrid", "model.net.out_channels=1"])
+    with pytest.raises(ConfigError, match="model.net.out_channels=1 but data.channels=1 with "
+                                          "diffusion.variance=learned_range needs 2"):
+        validate_config(bad)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
         ("diffusion.schedule=cosin", "diffusion.schedule='cosin' is not allowed; allowed values: linear, cosine"),
         ("sampler.spacing=even", "sampler.spacing='even' is not allowed; allowed values: uniform, leading"),
         ("data.channels=4", "data.channels=4 is not allowed; allowed values: 1, 3"),
+        ("diffusion.loss=elbo", "diffusion.loss='elbo' is not allowed; allowed values: simple, vlb, hybrid"),
+        ("diffusion.variance=learned", "diffusion.variance='learned' is not allowed; allowed values: fixed_large"),
         ("+trainer.max_step=10", "unknown key trainer.max_step .*Did you mean trainer.max_steps"),
         ("+model.net.chmult=[1]", "unknown key model.net.chmult .*Did you mean model.net.ch_mult"),
     ],

@@ -74,3 +74,42 @@ def test_ddim_matches_diffusers(spacing, eta, clip, clipped_output):
     theirs.set_timesteps(20)
     ours = DDIMSampler(num_steps=20, spacing=spacing, eta=eta, clip_denoised=clip, use_clipped_model_output=clipped_output)
     run_both(ours, theirs, d, {"eta": eta, "use_clipped_model_output": clipped_output})
+
+
+def learned_range_model(diffusion):
+    """2C channels: the closed-form eps of eps_model, then a v in (-1, 1) that varies with x and t."""
+    eps = eps_model(diffusion)
+
+    def net(x, t):
+        v = torch.tanh(x + (t.float() / 500 - 1).view(-1, 1, 1, 1))
+        return torch.cat([eps(x, t), v], dim=1)
+
+    return net
+
+
+@pytest.mark.parametrize("num_steps, clip", [(1000, True), (50, True), (50, False)])
+def test_ddpm_learned_range_matches_diffusers(num_steps, clip):
+    """Improved DDPM's learned variance, full chain and strided (respaced log beta and log beta-tilde)."""
+    d = GaussianDiffusion(1000, variance="learned_range")
+    theirs = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range",
+                                     clip_sample=clip, timestep_spacing="leading")
+    theirs.set_timesteps(num_steps)
+    ours = DDPMSampler(num_steps=num_steps, variance="learned_range", clip_denoised=clip)
+    x0 = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    net = learned_range_model(d)
+    g_ours, g_theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    noise = Noise(x0.shape, x0.device, generator=g_ours)
+    steps = ours.visited(d)
+    assert steps == theirs.timesteps.tolist()
+    x_ours, x_theirs = x0.clone(), x0.clone()
+    for t, t_prev in zip(steps, steps[1:] + [-1]):
+        x_ours = ours.step(net, d, x_ours, t, t_prev, noise)
+        out = net(x_theirs, torch.full((4,), t))
+        x_theirs = theirs.step(out, t, x_theirs, generator=g_theirs).prev_sample
+        torch.testing.assert_close(x_ours, x_theirs, atol=1e-4, rtol=0, msg=f"t={t}")
+    # the learned variance changed the chain: the same steps with fixed_large end elsewhere
+    fixed = DDPMSampler(num_steps=num_steps, variance="fixed_large", clip_denoised=clip)
+    x_fixed, noise = x0.clone(), Noise(x0.shape, x0.device, generator=torch.Generator().manual_seed(5))
+    for t, t_prev in zip(steps, steps[1:] + [-1]):
+        x_fixed = fixed.step(net, d, x_fixed, t, t_prev, noise)
+    assert (x_fixed - x_ours).abs().max() > 1e-2

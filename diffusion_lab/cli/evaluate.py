@@ -73,11 +73,11 @@ def make_fabric(cfg: DictConfig):
     return fabric
 
 
-def device_record(fabric: Any, precision: str, compile: bool) -> dict[str, Any]:
+def device_record(fabric: Any, cfg_num_nodes: int, precision: str, compile: bool) -> dict[str, Any]:
     """Where and how the images were drawn: recorded in the report, not part of the resume key."""
     device = fabric.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"world_size": fabric.world_size, "num_nodes": fabric.num_nodes, "accelerator": device.type,
+    return {"world_size": fabric.world_size, "num_nodes": int(cfg_num_nodes), "accelerator": device.type,
             "device_name": name, "precision": precision, "compile": compile}
 
 
@@ -158,7 +158,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             "metrics_config": OmegaConf.to_container(cfg.metrics), "precision": str(cfg.precision),
             "reference": None if reference is None else
             {"key": reference["key"], "num_images": reference["num_images"], "path": reference["path"]},
-            "versions": library_versions(), "devices": device_record(fabric, str(cfg.precision), cfg.compile)}
+            "versions": library_versions(),
+            "devices": device_record(fabric, cfg.fabric.num_nodes, str(cfg.precision), cfg.compile)}
     report = fabric.broadcast(load_previous(out, meta) if rank0 else None, src=0)
     done = {json.dumps(c["sampler"], sort_keys=True) for c in report["cells"]}
     todo = [s for s in grid(cfg, model.diffusion.num_timesteps) if json.dumps(s.config(), sort_keys=True) not in done]

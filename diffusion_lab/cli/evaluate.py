@@ -99,13 +99,15 @@ def load_previous(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
 class ETA:
     """Logs the grid's total network evaluations up front and, after the first batch, the time to finish."""
 
-    def __init__(self, todo: list[Sampler], model: LoadedModel, num_samples: int, world_size: int) -> None:
+    def __init__(self, todo: list[Sampler], model: LoadedModel, num_samples: int, world_size: int,
+                 verbose: bool = True) -> None:
         self.nfe = {id(s): len(s.visited(model.diffusion)) for s in todo}
         self.total = sum(self.nfe.values()) * num_samples
         self.local_total = self.total / world_size  # each rank draws about 1/W of the images
-        self.done, self.start, self.reported = 0.0, time.perf_counter(), False
-        log.info("grid: %d cells x %d samples, %s network evaluations in all (%d NFE per image summed over cells)",
-                 len(todo), num_samples, f"{self.total:,}", sum(self.nfe.values()))
+        self.done, self.start, self.reported = 0.0, time.perf_counter(), not verbose
+        if verbose:
+            log.info("grid: %d cells x %d samples, %s network evaluations in all (%d NFE per image summed over cells)",
+                     len(todo), num_samples, f"{self.total:,}", sum(self.nfe.values()))
 
     def advance(self, sampler: Sampler, images: int) -> None:
         self.done += images * self.nfe[id(sampler)]
@@ -165,7 +167,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     todo = [s for s in grid(cfg, model.diffusion.num_timesteps) if json.dumps(s.config(), sort_keys=True) not in done]
 
     # 4. the grid, one cell at a time; rank 0 saves after each, so a crash loses at most the cell in flight
-    eta = ETA(todo, model, cfg.num_samples, fabric.world_size)
+    eta = ETA(todo, model, cfg.num_samples, fabric.world_size, verbose=rank0)
     with Progress(disable=not rank0) as progress:
         overall = progress.add_task("evaluation grid", total=len(todo))
         for sampler in todo:

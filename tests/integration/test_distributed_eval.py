@@ -92,7 +92,8 @@ def test_resume_is_keyed_on_the_checkpoint_bytes_not_its_path(digits_checkpoint,
     (["ckpt=/nonexistent.ckpt"], "is neither a checkpoint file nor a pipeline folder"),
 ])
 def test_eval_refuses_bad_input_without_a_traceback(digits_checkpoint, tmp_path, args, message):
-    cmd = eval_command(digits_checkpoint, tmp_path / "eval", tmp_path / "data", *args)
+    ckpt = Path(args.pop(0).split("=", 1)[1]) if args[0].startswith("ckpt=") else digits_checkpoint
+    cmd = eval_command(ckpt, tmp_path / "eval", tmp_path / "data", *args)
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 

@@ -22,7 +22,7 @@ GRID = ["num_samples=40", "batch_size=8", "grid.ddim_eta=[0.0]", "grid.ddim_step
 
 
 def run_eval(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, capture_output=True, text=True, cwd=cwd, timeout=300)
+    result = subprocess.run(args, capture_output=True, text=True, cwd=cwd, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -94,7 +94,7 @@ def test_resume_is_keyed_on_the_checkpoint_bytes_not_its_path(digits_checkpoint,
 def test_eval_refuses_bad_input_without_a_traceback(digits_checkpoint, tmp_path, args, message):
     ckpt = Path(args.pop(0).split("=", 1)[1]) if args[0].startswith("ckpt=") else digits_checkpoint
     cmd = eval_command(ckpt, tmp_path / "eval", tmp_path / "data", *args)
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
@@ -106,5 +106,5 @@ def test_sample_refuses_bad_input_without_a_traceback(digits_checkpoint, tmp_pat
     import sys
 
     cmd = [sys.executable, "-m", "diffusion_lab.cli.sample", f"ckpt={digits_checkpoint}", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

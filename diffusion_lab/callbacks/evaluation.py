@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from diffusion_lab.callbacks.progress import SamplingClock, count_due
-from diffusion_lab.metrics.evaluate import generate_features
+from diffusion_lab.metrics.evaluate import gather_in_index_order, generate_features, shard
 from diffusion_lab.metrics.extractors import make_extractor
 from diffusion_lab.metrics.fidelity import MetricsConfig, compute_metrics
 from diffusion_lab.metrics.reference import get_reference
@@ -62,12 +62,12 @@ class FIDEvaluation(L.Callback):
         self.extractor = make_extractor(self.feature_extractor, self.inception_weights)
         if trainer.is_global_zero:
             self.reference = get_reference(trainer.datamodule, self.dataset_name, self.split, self.feature_extractor,
-                                           self.reference_dir, need_features=self.metrics.kid,
+                                           self.reference_dir, need_features=self.metrics.needs_reference_features,
                                            inception_weights=self.inception_weights)
         trainer.strategy.barrier()
         if not trainer.is_global_zero:
             self.reference = get_reference(trainer.datamodule, self.dataset_name, self.split, self.feature_extractor,
-                                           self.reference_dir, need_features=self.metrics.kid)
+                                           self.reference_dir, need_features=self.metrics.needs_reference_features)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -90,12 +90,13 @@ class FIDEvaluation(L.Callback):
         self._last_step = trainer.global_step
         sampler = self.sampler or pl_module.sampler
         rank, world = trainer.global_rank, trainer.world_size
-        indices = list(range(rank, self.num_samples, world))
+        indices = shard(self.num_samples, rank, world)
         with self.clock.measure(len(indices) * len(sampler.visited(pl_module.diffusion))):
             features, logits, _ = generate_features(pl_module.ema_net, pl_module.diffusion, sampler, indices,
                                                     self.extractor, self.seed, self.batch_size, pl_module.device)
         if world > 1:
-            features, logits = self._gather(pl_module, features, logits)
+            features, logits = (gather_in_index_order(pl_module.all_gather, x.to(pl_module.device), self.num_samples,
+                                                      world) for x in (features, logits))
         scores = compute_metrics(features, logits, self.reference, self.metrics)
         self.history.append({"step": trainer.global_step, **scores})
         names = {"fid": "val/fid", "is": "val/is", "kid": "val/kid"}
@@ -111,14 +112,3 @@ class FIDEvaluation(L.Callback):
                       ", ".join(f"{k} {v:.4g}" for k, v in values.items()), self.num_samples, sampler.name,
                       len(sampler.visited(pl_module.diffusion)), self.clock.last)
         return scores
-
-    def _gather(self, pl_module: L.LightningModule, features: torch.Tensor, logits: torch.Tensor):
-        """All ranks' features in global index order (rank r holds indices r, r + W, ...)."""
-        world = pl_module.trainer.world_size
-        size = -(-self.num_samples // world)  # pad so every rank sends the same shape
-        pad = lambda x: torch.cat([x, x.new_zeros(size - len(x), *x.shape[1:])])  # noqa: E731
-        out = []
-        for x in (features, logits):
-            gathered = pl_module.all_gather(pad(x).to(pl_module.device)).cpu()  # (W, size, D)
-            out.append(gathered.transpose(0, 1).reshape(world * size, -1)[: self.num_samples])
-        return out[0], out[1]

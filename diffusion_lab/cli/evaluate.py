@@ -1,14 +1,20 @@
 """``diffusion-lab-eval``: evaluate a checkpoint over a grid of samplers x steps and write a FID report.
 
-Finished cells are saved after each one; a rerun with the same checkpoint, sample count, seed and extractor
-skips them, so long evaluations resume.
+Runs on one process or on N (one per device, one node or many) through Lightning Fabric, launched the way
+training is: ``fabric.devices=2`` spawns the processes itself; under ``torchrun`` or ``srun`` Fabric reads the
+ranks from the environment. Each rank draws its share of the image indices, the features are gathered in
+index order and rank 0 scores and writes the report: the numbers equal a 1-process run's.
+
+Finished cells are saved after each one; a rerun with the same checkpoint (by sha256), sample count, seed,
+precision and extractor skips them, so long evaluations resume, also on N processes (rank 0 decides what is
+left and broadcasts it).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
+from diffusion_lab.cli.common import require_positive, writable_dir
+from diffusion_lab.errors import main_guard
+from diffusion_lab.loading import LoadedModel, load_model, sampling_net
 from diffusion_lab.metrics.evaluate import evaluate, library_versions
 from diffusion_lab.metrics.extractors import make_extractor
 from diffusion_lab.metrics.fidelity import MetricsConfig
@@ -27,20 +36,13 @@ from diffusion_lab.metrics.reference import get_reference
 from diffusion_lab.reports.fid_report import log_to_wandb, write_report
 from diffusion_lab.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
 from diffusion_lab.samplers.base import Sampler
-from diffusion_lab.training.checkpoints import load_checkpoint
 from diffusion_lab.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+# What must match for a saved cell to be reused. Not the world size or the device: they do not change the
+# numbers. Not the checkpoint's path: the same file typed another way is the same checkpoint.
+RESUME_KEYS = ("checkpoint", "data", "extractor", "num_samples", "seed", "metrics_config", "precision")
 
 
 def grid(cfg: DictConfig, T: int) -> list[Sampler]:
@@ -57,85 +59,154 @@ def grid(cfg: DictConfig, T: int) -> list[Sampler]:
     return cells
 
 
-def checkpoint_config(ckpt: Path) -> dict[str, Any] | None:
-    """The resolved training config stored in a training checkpoint (None for a pipeline folder)."""
-    if not ckpt.is_file():
-        return None
-    return (load_checkpoint(ckpt).get("diffusion_lab") or {}).get("config")
-
-
 def resolve_extractor(cfg: DictConfig) -> str:
     if cfg.feature_extractor != "auto":
         return cfg.feature_extractor
     return "digits-classifier" if cfg.data.name == "digits" else "inception-v3-compat"
 
 
-def run(cfg: DictConfig) -> dict[str, Any] | None:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    evaluating = cfg.ckpt is not None and not cfg.build_reference
-    if evaluating:  # first: a bad ckpt fails in a second, before any reference statistics are built
-        from diffusion_lab.cli.sample import load_model
+def make_fabric(cfg: DictConfig):
+    """Lightning Fabric from the ``fabric`` group, launched (processes spawned, or joined under torchrun/SLURM)."""
+    from lightning.fabric import Fabric
 
-        ckpt = Path(cfg.ckpt)
-        net, diffusion = load_model(ckpt, cfg.use_ema, device)
-    extractor_name = resolve_extractor(cfg)
-    metrics = MetricsConfig(**cfg.metrics)
-    # Fail before any sampling: weights of the feature extractor, then the reference statistics.
-    extractor = make_extractor(extractor_name, cfg.inception_weights)
-    datamodule = instantiate(cfg.data)
-    reference_dir = Path(cfg.paths.data_dir) / "reference_stats"
-    reference = get_reference(datamodule, cfg.data.name, "train", extractor_name, reference_dir,
-                              need_features=metrics.kid, rebuild=cfg.build_reference,
-                              inception_weights=cfg.inception_weights, device=device)
-    log.info("reference statistics: %s (%d images)", reference["path"], reference["num_images"])
-    if not evaluating:
-        return None
+    fabric = Fabric(**OmegaConf.to_container(cfg.fabric))
+    fabric.launch()
+    return fabric
 
-    out = Path(cfg.out) if cfg.out else (ckpt.resolve().parent.parent / "eval")
-    meta = {"checkpoint": {"path": str(cfg.ckpt), "sha256": sha256(ckpt), "use_ema": cfg.use_ema},
-            "data": cfg.data.name, "extractor": extractor_name, "num_samples": cfg.num_samples, "seed": cfg.seed,
-            "metrics_config": OmegaConf.to_container(cfg.metrics),
-            "reference": {"key": reference["key"], "num_images": reference["num_images"], "path": reference["path"]},
-            "versions": library_versions(), "device": str(device)}
+
+def device_record(fabric: Any, cfg_num_nodes: int, precision: str, compile: bool) -> dict[str, Any]:
+    """Where and how the images were drawn: recorded in the report, not part of the resume key."""
+    device = fabric.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"world_size": fabric.world_size, "num_nodes": int(cfg_num_nodes), "accelerator": device.type,
+            "device_name": name, "precision": precision, "compile": compile}
+
+
+def load_previous(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The report to continue: the saved one's cells when it was made with the same RESUME_KEYS, else empty."""
     report = {**meta, "cells": [], "wall_seconds": 0.0}
     previous = out / "report.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
-        same = all(old.get(k) == meta[k] for k in ("checkpoint", "data", "extractor", "num_samples", "seed",
-                                                    "metrics_config"))
-        if same:
+        if all(old.get(k) == meta[k] for k in RESUME_KEYS):
             report["cells"], report["wall_seconds"] = old["cells"], old.get("wall_seconds", 0.0)
             log.info("resuming: %d finished cells in %s", len(old["cells"]), previous)
-    done = {json.dumps(c["sampler"], sort_keys=True) for c in report["cells"]}
-    todo = [s for s in grid(cfg, diffusion.num_timesteps) if json.dumps(s.config(), sort_keys=True) not in done]
-    out.mkdir(parents=True, exist_ok=True)
-    with Progress() as progress:
-        overall = progress.add_task("evaluation grid", total=len(todo))
-        for sampler in todo:
-            task = progress.add_task(f"{sampler.name} {sampler.config()}", total=cfg.num_samples)
-            start = time.perf_counter()
-            cell = evaluate(net, diffusion, sampler, cfg.num_samples, reference, extractor, metrics, cfg.seed,
-                            cfg.batch_size, device, progress=lambda n, t=task: progress.advance(t, n))
-            report["cells"].append(cell)
-            report["wall_seconds"] += time.perf_counter() - start
-            write_json_atomic(out / "report.json", report)  # a crash loses at most the cell in flight
-            progress.remove_task(task)
-            progress.advance(overall)
-            log.info("%s: %s", sampler.config(), {k: round(v, 3) for k, v in cell["metrics"].items()})
-    if cfg.nll.enabled:  # the bound in bits/dim (issue 12): its own module, a cell of report.json
-        report["nll"] = nll_cell(net, diffusion, datamodule, cfg.nll, out, device)
-    paths = write_report(report, out)
-    if cfg.nll.enabled:
-        append_markdown(report["nll"], paths["markdown"])
-    log.info("report: %s", ", ".join(str(p) for p in paths.values()))
-    if cfg.wandb.enabled:
-        task = (checkpoint_config(ckpt) or {}).get("task_name") or ckpt.stem
-        run_dir = log_to_wandb(report, paths, cfg.wandb.project, group=task, name=f"{task}/eval",
-                               offline=cfg.wandb.offline)
-        log.info("W&B run: %s", run_dir)
+        else:
+            changed = [k for k in RESUME_KEYS if old.get(k) != meta[k]]
+            log.warning("%s was made with other %s: starting the grid afresh", previous, ", ".join(changed))
     return report
 
 
+class ETA:
+    """Logs the grid's total network evaluations up front and, after the first batch, the time to finish."""
+
+    def __init__(self, todo: list[Sampler], model: LoadedModel, num_samples: int, world_size: int,
+                 verbose: bool = True) -> None:
+        self.nfe = {id(s): len(s.visited(model.diffusion)) for s in todo}
+        self.total = sum(self.nfe.values()) * num_samples
+        self.local_total = self.total / world_size  # each rank draws about 1/W of the images
+        self.done, self.start, self.reported = 0.0, time.perf_counter(), not verbose
+        if verbose:
+            log.info("grid: %d cells x %d samples, %s network evaluations in all (%d NFE per image summed over cells)",
+                     len(todo), num_samples, f"{self.total:,}", sum(self.nfe.values()))
+
+    def advance(self, sampler: Sampler, images: int) -> None:
+        self.done += images * self.nfe[id(sampler)]
+        if not self.reported and self.done > 0:
+            self.reported = True
+            elapsed = time.perf_counter() - self.start
+            rate = self.done / elapsed
+            log.info("first batch: %.0f network evaluations (images x NFE) per second per process; "
+                     "estimated %.0f s to finish the grid", rate, (self.local_total - self.done) / rate)
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    evaluating = cfg.ckpt is not None and not cfg.build_reference
+    fabric = make_fabric(cfg)
+    rank0 = fabric.is_global_zero
+
+    # 1. the model, first: a bad ckpt fails in a second, before any reference statistics are built
+    model = None
+    if evaluating:
+        require_positive("num_samples", cfg.num_samples)
+        metrics_early = MetricsConfig(**cfg.metrics)
+        metrics_early.check(cfg.num_samples)  # on every rank, so that no rank waits for one that failed
+        model = load_model(cfg.ckpt, cfg.use_ema, fabric.device)
+        net = sampling_net(model.net, cfg.precision, cfg.compile)
+        out = Path(cfg.out) if cfg.out else (model.path.resolve().parent.parent / "eval")
+        if rank0:
+            writable_dir(out)
+
+    # 2. the feature extractor and the reference statistics (rank 0 builds and caches them, then the others)
+    extractor_name = resolve_extractor(cfg)
+    metrics = MetricsConfig(**cfg.metrics)
+    reference = None
+    with fabric.rank_zero_first():
+        extractor = make_extractor(extractor_name, cfg.inception_weights)
+        if rank0:
+            reference = get_reference(instantiate(cfg.data), cfg.data.name, "train", extractor_name,
+                                      Path(cfg.paths.data_dir) / "reference_stats",
+                                      need_features=metrics.needs_reference_features, rebuild=cfg.build_reference,
+                                      inception_weights=cfg.inception_weights, device=str(fabric.device))
+            log.info("reference statistics: %s (%d images)", reference["path"], reference["num_images"])
+            if evaluating:  # before any sampling: KID subsets larger than either set are refused
+                real = reference.get("features")
+                metrics.check(cfg.num_samples, None if real is None else len(real))
+    if not evaluating:
+        return None
+
+    # 3. what is left to do: rank 0 reads a previous report and every rank gets the same list
+    meta = {"checkpoint": {"path": str(cfg.ckpt), "sha256": model.sha256, "use_ema": cfg.use_ema},
+            "data": cfg.data.name, "extractor": extractor_name, "num_samples": cfg.num_samples, "seed": cfg.seed,
+            "metrics_config": OmegaConf.to_container(cfg.metrics), "precision": str(cfg.precision),
+            "reference": None if reference is None else
+            {"key": reference["key"], "num_images": reference["num_images"], "path": reference["path"]},
+            "versions": library_versions(),
+            "devices": device_record(fabric, cfg.fabric.num_nodes, str(cfg.precision), cfg.compile)}
+    report = fabric.broadcast(load_previous(out, meta) if rank0 else None, src=0)
+    done = {json.dumps(c["sampler"], sort_keys=True) for c in report["cells"]}
+    todo = [s for s in grid(cfg, model.diffusion.num_timesteps) if json.dumps(s.config(), sort_keys=True) not in done]
+
+    # 4. the grid, one cell at a time; rank 0 saves after each, so a crash loses at most the cell in flight
+    eta = ETA(todo, model, cfg.num_samples, fabric.world_size, verbose=rank0)
+    with Progress(disable=not rank0) as progress:
+        overall = progress.add_task("evaluation grid", total=len(todo))
+        for sampler in todo:
+            task = progress.add_task(f"{sampler.name} {sampler.config()}", total=-(-cfg.num_samples // fabric.world_size))
+
+            def advance(n: int, task=task, sampler=sampler) -> None:
+                progress.advance(task, n)
+                eta.advance(sampler, n)
+
+            start = time.perf_counter()
+            cell = evaluate(net, model.diffusion, sampler, cfg.num_samples, reference, extractor, metrics, cfg.seed,
+                            cfg.batch_size, fabric.device, progress=advance, rank=fabric.global_rank,
+                            world_size=fabric.world_size, all_gather=fabric.all_gather)
+            if rank0:
+                report["cells"].append(cell)
+                report["wall_seconds"] += time.perf_counter() - start
+                write_json_atomic(out / "report.json", report)
+                log.info("%s: %s", sampler.config(), {k: round(v, 4) for k, v in cell["metrics"].items()})
+            progress.remove_task(task)
+            progress.advance(overall)
+    # 5. the report (rank 0; the others wait so that no process exits while rank 0 still needs the group)
+    if rank0:
+        if cfg.nll.enabled:  # the bound in bits/dim: its own module, a cell of report.json (rank 0 computes it)
+            report["nll"] = nll_cell(model.net, model.diffusion, instantiate(cfg.data), cfg.nll, out, fabric.device)
+        paths = write_report(report, out)
+        if cfg.nll.enabled:
+            append_markdown(report["nll"], paths["markdown"])
+        log.info("report: %s", ", ".join(str(p) for p in paths.values()))
+        if cfg.wandb.enabled:
+            task_name = (model.config or {}).get("task_name") or model.path.stem
+            run_dir = log_to_wandb(report, paths, cfg.wandb.project, group=task_name, name=f"{task_name}/eval",
+                                   offline=cfg.wandb.offline)
+            log.info("W&B run: %s", run_dir)
+    fabric.barrier()
+    return report if rank0 else None
+
+
+@main_guard
 @hydra.main(version_base="1.3", config_path="pkg://diffusion_lab.conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     run(cfg)

@@ -14,34 +14,24 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from rich.progress import Progress
 
+from diffusion_lab.cli.common import require_positive, writable_dir
+from diffusion_lab.errors import main_guard
+from diffusion_lab.loading import load_model, sampling_net
 from diffusion_lab.utils.images import save_grid, to_uint8
 
 log = logging.getLogger(__name__)
 
 
-def load_model(ckpt: str | Path, use_ema: bool = True, device: str = "cpu"):
-    """(net, diffusion) from a training checkpoint or a diffusers-layout folder."""
-    path = Path(ckpt)
-    if path.is_dir() and (path / "model_index.json").is_file():
-        from diffusion_lab.pipelines import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(path).to(device)
-        return pipe.unet, pipe.diffusion
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt={str(ckpt)!r} is neither a checkpoint file nor a pipeline folder")
-    from diffusion_lab.training.checkpoints import load_module
-
-    module = load_module(path, map_location=device)
-    return (module.ema_net if use_ema else module.net).eval(), module.diffusion
-
-
 def sample(cfg: DictConfig) -> Path:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    net, diffusion = load_model(cfg.ckpt, cfg.use_ema, device)
+    require_positive("num_images", cfg.num_images)
+    require_positive("batch_size", cfg.batch_size)
+    model = load_model(cfg.ckpt, cfg.use_ema, device)
+    net, diffusion = sampling_net(model.net, cfg.precision, cfg.compile), model.diffusion
     sampler = instantiate(cfg.sampler)
     nfe = len(sampler.visited(diffusion))
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "samples" / f"{sampler.name}_{nfe}"
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out) if cfg.out else model.path.resolve().parent.parent / "samples" / f"{sampler.name}_{nfe}"
+    writable_dir(out / "images", key="out")
     shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
 
     chunks, start = [], time.perf_counter()
@@ -59,7 +49,8 @@ def sample(cfg: DictConfig) -> Path:
     images = torch.cat(chunks)
     save_grid(images, out / "grid.png", nrow=cfg.nrow)
     record = {
-        "ckpt": str(cfg.ckpt), "use_ema": cfg.use_ema, "sampler": sampler.config(), "nfe": nfe,
+        "ckpt": str(cfg.ckpt), "sha256": model.sha256, "use_ema": cfg.use_ema, "precision": str(cfg.precision),
+        "compile": cfg.compile, "sampler": sampler.config(), "nfe": nfe,
         "num_images": cfg.num_images, "seed": cfg.seed, "device": str(device), "seconds": round(seconds, 3),
         "images_per_second": round(cfg.num_images / seconds, 3),
     }
@@ -68,6 +59,7 @@ def sample(cfg: DictConfig) -> Path:
     return out
 
 
+@main_guard
 @hydra.main(version_base="1.3", config_path="pkg://diffusion_lab.conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)

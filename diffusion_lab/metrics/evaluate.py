@@ -1,10 +1,15 @@
-"""``evaluate(...)``: sample a set of images by (seed, index), extract features, score them against a reference."""
+"""``evaluate(...)``: sample a set of images by (seed, index), extract features, score them against a reference.
+
+On N processes each rank draws the indices ``rank, rank + N, ...`` (:func:`shard`) and the features are put
+back in index order (:func:`gather_in_index_order`), so the scores do not depend on N: image i depends only on
+(seed, i). The training callback and ``diffusion-lab-eval`` share these two functions.
+"""
 
 from __future__ import annotations
 
 import platform
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +51,26 @@ def generate_features(net: nn.Module, diffusion: GaussianDiffusion, sampler: Sam
     return torch.cat(feats), torch.cat(logits), images_kept
 
 
+def shard(num_samples: int, rank: int, world_size: int) -> list[int]:
+    """The image indices rank ``rank`` of ``world_size`` draws: rank, rank + W, rank + 2W, ..."""
+    return list(range(rank, num_samples, world_size))
+
+
+def gather_in_index_order(all_gather: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, num_samples: int,
+                          world_size: int) -> torch.Tensor:
+    """Every rank's rows of ``x`` (rank r holds the rows of :func:`shard`), gathered in global index order.
+
+    ``all_gather`` is the engine's (``LightningModule.all_gather`` or ``Fabric.all_gather``): a tensor of the
+    same shape from every rank -> (W, *shape). Shorter shards are padded to one shape and the padding cut off.
+    """
+    if world_size == 1:
+        return x
+    size = -(-num_samples // world_size)
+    padded = torch.cat([x, x.new_zeros(size - len(x), *x.shape[1:])])
+    gathered = all_gather(padded).cpu()  # (W, size, D): row k of rank r is index k * W + r
+    return gathered.transpose(0, 1).reshape(world_size * size, *x.shape[1:])[:num_samples]
+
+
 def library_versions() -> dict[str, str]:
     import lightning
     import torch_fidelity
@@ -56,13 +81,25 @@ def library_versions() -> dict[str, str]:
             "torch_fidelity": torch_fidelity.__version__, "diffusion_lab": diffusion_lab.__version__}
 
 
-def evaluate(net: nn.Module, diffusion: GaussianDiffusion, sampler: Sampler, num_samples: int, reference: dict,
+def evaluate(net: nn.Module, diffusion: GaussianDiffusion, sampler: Sampler, num_samples: int, reference: dict | None,
              extractor: Any, metrics: MetricsConfig = MetricsConfig(), seed: int = 0, batch_size: int = 256,
-             device: torch.device | str = "cpu", progress: Any = None) -> dict[str, Any]:
-    """One evaluation cell: exactly ``num_samples`` images, scored; the record says how to reproduce it."""
+             device: torch.device | str = "cpu", progress: Any = None, rank: int = 0, world_size: int = 1,
+             all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any] | None:
+    """One evaluation cell: exactly ``num_samples`` images, scored; the record says how to reproduce it.
+
+    On several processes every rank calls this with its ``rank``, the ``world_size`` and the engine's
+    ``all_gather``; rank 0 scores (only it needs ``reference``) and returns the record, the others None.
+    """
     start = time.perf_counter()
-    features, logits, _ = generate_features(net, diffusion, sampler, range(num_samples), extractor, seed, batch_size,
+    indices = shard(num_samples, rank, world_size)
+    features, logits, _ = generate_features(net, diffusion, sampler, indices, extractor, seed, batch_size,
                                             device, progress)
+    if world_size > 1:
+        assert all_gather is not None, "all_gather is needed on more than one process"
+        features = gather_in_index_order(all_gather, features.to(device), num_samples, world_size).double()
+        logits = gather_in_index_order(all_gather, logits.to(device), num_samples, world_size).double()
+    if rank != 0:
+        return None
     assert len(features) == num_samples, f"{len(features)} features for {num_samples} samples"
     scores = compute_metrics(features, logits, reference, metrics)
     return {

@@ -47,17 +47,16 @@ class DiffusionPipeline:
     @classmethod
     def from_checkpoint(cls, path: str | Path, use_ema: bool = True, **scheduler_kwargs: Any) -> "DiffusionPipeline":
         """From a training checkpoint (``last.ckpt``), with the EMA weights unless ``use_ema=False``."""
-        from diffusion_lab.training.checkpoints import load_module
+        from diffusion_lab.loading import load_model
 
-        module = load_module(path)
-        net = module.ema_net if use_ema else module.net
-        sampler = module.sampler
+        model = load_model(path, use_ema)
+        sampler = model.sampler
         defaults: dict[str, Any] = {}
         if isinstance(sampler, DDPMSampler):
             defaults = {"variance_type": sampler.variance, "clip_sample": sampler.clip_denoised}
         elif sampler is not None:
             defaults = {"clip_sample": sampler.clip_denoised}
-        return cls(net, SchedulerConfig.from_diffusion(module.diffusion, **(defaults | scheduler_kwargs)))
+        return cls(model.net, SchedulerConfig.from_diffusion(model.diffusion, **(defaults | scheduler_kwargs)))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "DiffusionPipeline":

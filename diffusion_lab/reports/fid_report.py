@@ -45,7 +45,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Checkpoint sha256 {report['checkpoint']['sha256'][:16]}. Wall time {report['wall_seconds']:.0f} s.",
         "",
     ]
-    for metric, title in (("fid", "FID (lower is better)"), ("is", "IS (higher is better)")):
+    tables = (("fid", "FID +- sd (lower is better)"), ("is", "IS (higher is better)"),
+              ("precision", "Precision (higher is better)"), ("recall", "Recall (higher is better)"))
+    for metric, title in tables:
         if not any(metric in c["metrics"] for c in cells):
             continue
         lines += [f"## {title}" + (" - ours (paper)" if paper and metric == "fid" else ""), "",
@@ -55,14 +57,26 @@ def markdown(report: dict[str, Any]) -> str:
             out = []
             for s in steps:
                 cell = by.get((key, s))
-                if cell is None:
+                if cell is None or metric not in cell["metrics"]:
                     out.append("")
                     continue
-                text = f"{cell['metrics'][metric]:.2f}"
+                text = f"{cell['metrics'][metric]:.{3 if metric in ('precision', 'recall') else 2}f}"
+                if metric == "fid" and "fid_std" in cell["metrics"]:
+                    text += f" +- {cell['metrics']['fid_std']:.2f}"
                 published = paper.get(key, {}).get(s) if metric == "fid" else None
                 out.append(f"{text} ({published:.2f})" if published is not None else text)
             lines.append(f"| {row_label(key)} | " + " | ".join(out) + " |")
         lines.append("")
+    bootstrap = (report.get("metrics_config") or {}).get("fid_bootstrap") or 0
+    if bootstrap > 1:
+        lines += [f"sd: standard deviation of FID over {bootstrap} bootstrap resamples of the generated features "
+                  "(the sampling noise of this many images; not the reference's noise, not training noise). "
+                  "Precision and recall: Kynkaanniemi et al. 2019, "
+                  f"k = {(report.get('metrics_config') or {}).get('prc_neighborhood', 3)}.", ""]
+    devices = report.get("devices")
+    if devices:
+        lines += [f"Drawn on {devices['world_size']} process(es), {devices['accelerator']} ({devices['device_name']}), "
+                  f"precision {devices['precision']}, compile {devices['compile']}.", ""]
     lines += ["S is the requested number of steps; the network evaluations (NFE) of each cell are in report.json.",
               f"Samplers' spacing: {sorted({c['sampler']['spacing'] for c in cells})}.", ""]
     return "\n".join(lines)
@@ -75,17 +89,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    series: dict[tuple, list[tuple[int, float]]] = {}
+    series: dict[tuple, list[tuple[int, float, float]]] = {}
     for c in report["cells"]:
         if "fid" in c["metrics"]:
-            series.setdefault(row_key(c["sampler"]), []).append((c["nfe"], c["metrics"]["fid"]))
+            series.setdefault(row_key(c["sampler"]), []).append((c["nfe"], c["metrics"]["fid"],
+                                                                 c["metrics"].get("fid_std", 0.0)))
     for key, points in sorted(series.items(), key=lambda kv: str(kv[0])):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=row_label(key))
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                    capsize=3, label=row_label(key))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations (NFE)")
-    ax.set_ylabel("FID")
+    ax.set_ylabel("FID (error bars: bootstrap sd)")
     ax.set_title(f"FID vs NFE - {report['data']}, {report['num_samples']:,} samples")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

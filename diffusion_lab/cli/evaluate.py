@@ -82,17 +82,25 @@ def device_record(fabric: Any, cfg_num_nodes: int, precision: str, compile: bool
             "device_name": name, "precision": precision, "compile": compile}
 
 
+def _resume_value(report: dict[str, Any], key: str) -> Any:
+    """The part of ``report[key]`` that decides resuming: for the checkpoint its bytes (sha256) and EMA choice."""
+    value = report.get(key)
+    if key == "checkpoint" and isinstance(value, dict):
+        return {k: value.get(k) for k in ("sha256", "use_ema")}
+    return value
+
+
 def load_previous(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The report to continue: the saved one's cells when it was made with the same RESUME_KEYS, else empty."""
     report = {**meta, "cells": [], "wall_seconds": 0.0}
     previous = out / "report.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
-        if all(old.get(k) == meta[k] for k in RESUME_KEYS):
+        if all(_resume_value(old, k) == _resume_value(meta, k) for k in RESUME_KEYS):
             report["cells"], report["wall_seconds"] = old["cells"], old.get("wall_seconds", 0.0)
             log.info("resuming: %d finished cells in %s", len(old["cells"]), previous)
         else:
-            changed = [k for k in RESUME_KEYS if old.get(k) != meta[k]]
+            changed = [k for k in RESUME_KEYS if _resume_value(old, k) != _resume_value(meta, k)]
             log.warning("%s was made with other %s: starting the grid afresh", previous, ", ".join(changed))
     return report
 

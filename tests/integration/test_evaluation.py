@@ -45,7 +45,8 @@ def test_inception_path_end_to_end_with_local_weights(random_inception_weights):
 
 
 def test_missing_inception_weights_say_what_to_place_where(tmp_path, monkeypatch):
-    with pytest.raises(WeightsError, match=f"{INCEPTION_WEIGHTS_NAME}.*95.5 MB.*metrics.inception_weights"):
+    with pytest.raises(WeightsError, match=f"{INCEPTION_WEIGHTS_NAME}.*95.5 MB.*inception_weights=/path/to/it for "
+                       "diffusion-lab-eval, callbacks.fid.inception_weights=/path/to/it for diffusion-lab-train"):
         inception_weights_path(str(tmp_path / "nope.pth"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(WeightsError, match=str(tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_NAME)):

@@ -130,7 +130,9 @@ def test_ema_and_raw_weights_are_checkpointed_restored_and_sampling_uses_ema(tmp
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     ema_images = module.sample(3, generator=g())
     sampler = module.sampler
-    torch.testing.assert_close(ema_images, sampler.sample(module.ema.module.eval(), module.diffusion, (3, 1, 8, 8), generator=g()))
+    # (sample() returns images, clamped to [-1, 1]; the sampler itself no longer clips x0 by default)
+    direct = sampler.sample(module.ema.module.eval(), module.diffusion, (3, 1, 8, 8), generator=g())
+    torch.testing.assert_close(ema_images, direct.clamp(-1, 1))
     assert not torch.allclose(ema_images, module.sample(3, generator=g(), use_ema=False))
 
 

@@ -123,3 +123,20 @@ def digits_checkpoint(tmp_path_factory):
     train(cfg)
     GlobalHydra.instance().clear()
     return out / "checkpoints" / "last.ckpt"
+
+
+def poison_loss(monkeypatch, at_call: int) -> dict[str, int]:
+    """Make the ``at_call``-th call of ``GaussianDiffusion.loss`` (1-based) return NaN losses: a NaN step on demand.
+
+    Returns the call counter (``{"n": calls so far}``)."""
+    from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+
+    original, calls = GaussianDiffusion.loss, {"n": 0}
+
+    def poisoned(self, net, x0, generator=None):
+        calls["n"] += 1
+        per_example, t = original(self, net, x0, generator)
+        return (per_example * float("nan") if calls["n"] == at_call else per_example), t
+
+    monkeypatch.setattr(GaussianDiffusion, "loss", poisoned)
+    return calls

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
 
 from diffusion_lab.data.sampler import ResumableDataLoader
-from diffusion_lab.data.sources import DataError
+from diffusion_lab.data.sources import DataError, TensorImages
 
 
 class ImageTransform:
@@ -131,18 +131,9 @@ class InMemoryImages(Dataset):
         return self.transform(self.images[index])
 
 
-class _RawBatches(Dataset):
+class _RawBatches(TensorImages):
     """The loader's view of :class:`InMemoryImages`: a batch of indices is one gather (``__getitems__``, which
     torch's DataLoader calls with the sampler's whole batch), left unscaled for ``finish_batch`` on the device."""
-
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index]
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
         return self.images[torch.as_tensor(indices)]

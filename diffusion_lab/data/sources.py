@@ -32,7 +32,7 @@ class DigitsSource:
         from sklearn.datasets import load_digits
 
         images = torch.from_numpy(load_digits().images).float().div(16.0).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
-        return _TensorImages(images)
+        return TensorImages(images)
 
 
 class SyntheticSource:
@@ -46,10 +46,12 @@ class SyntheticSource:
     def load(self) -> Dataset:
         g = torch.Generator().manual_seed(self.seed)
         shape = (self.num_images, self.channels, self.image_size, self.image_size)
-        return _TensorImages(torch.rand(shape, generator=g))
+        return TensorImages(torch.rand(shape, generator=g))
 
 
-class _TensorImages(Dataset):
+class TensorImages(Dataset):
+    """Images held in one tensor (N, C, H, W); item i is row i."""
+
     def __init__(self, images: torch.Tensor) -> None:
         self.images = images
 

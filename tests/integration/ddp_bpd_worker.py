@@ -3,12 +3,11 @@
 Used by test_likelihood_runs.py: a separate interpreter, so process groups never leak into the test session.
 """
 
-import json
 import sys
 from functools import partial
 
-import lightning as L
 import torch
+from ddp_fid_worker import fit_one_step_and_score  # the same harness (this folder is on sys.path)
 
 
 def main(devices: int, out: str) -> None:
@@ -27,21 +26,7 @@ def main(devices: int, out: str) -> None:
                              quantization_levels=17)
     # 7 images: an uneven split over 2 ranks exercises the padding of the gather.
     callback = BPDEvaluation(enabled=True, every_n_steps=0, num_images=7, batch_size=3, on_train_end=False)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[callback, Scorer(callback, out)])
-    trainer.fit(module, datamodule=dm)
-
-
-class Scorer(L.Callback):
-    def __init__(self, evaluation, out: str) -> None:
-        self.evaluation, self.out = evaluation, out
-
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        values = self.evaluation.run(trainer, pl_module, log=False)
-        if trainer.is_global_zero:
-            with open(self.out, "w") as f:
-                json.dump(values, f)
+    fit_one_step_and_score(module, dm, callback, devices, out)
 
 
 if __name__ == "__main__":

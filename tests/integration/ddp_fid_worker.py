@@ -28,10 +28,16 @@ def main(devices: int, out: str) -> None:
     callback = FIDEvaluation("digits", every_n_steps=0, num_samples=50, sampler=DDIMSampler(num_steps=5),
                              feature_extractor="digits-classifier", reference_dir=out + ".ref", batch_size=8,
                              on_train_end=False)
+    fit_one_step_and_score(module, dm, callback, devices, out)
+
+
+def fit_one_step_and_score(module, datamodule, evaluation, devices: int, out: str) -> None:
+    """One training step on ``devices`` CPU processes (ddp_spawn, gloo), then ``evaluation.run`` on every rank;
+    rank 0 writes the result to ``out`` as JSON. Also used by ddp_bpd_worker.py."""
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[callback, Scorer(callback, out)])
-    trainer.fit(module, datamodule=dm)
+                        enable_model_summary=False, callbacks=[evaluation, Scorer(evaluation, out)])
+    trainer.fit(module, datamodule=datamodule)
 
 
 class Scorer(L.Callback):

@@ -19,7 +19,7 @@ from diffusion_lab.cli.train import train
 from diffusion_lab.training import NonFiniteLossError
 from diffusion_lab.training.checkpoint_io import STALL_ENV, TEMP_MARK, save_atomic, temp_files
 from diffusion_lab.training.checkpoints import load_checkpoint
-from tests.conftest import TINY
+from tests.conftest import TINY, poison_loss
 
 QUIET = ["callbacks.sample_grid.every_n_steps=0", "callbacks.sample_grid.on_train_end=false"]
 
@@ -106,22 +106,13 @@ def read_column(run_dir: Path, column: str) -> dict[int, float]:
 
 def test_a_new_learning_rate_on_resume_replaces_the_restored_one(compose_cfg, monkeypatch, tmp_path, caplog):
     """The non-finite-loss advice: resume with ckpt_path=last model.optimizer.lr=<lower>; the lower lr is used."""
-    from diffusion_lab.diffusion.gaussian import GaussianDiffusion
-
-    original, calls = GaussianDiffusion.loss, {"n": 0}
-
-    def poisoned(self, net, x0, generator=None):
-        calls["n"] += 1
-        per_example, t = original(self, net, x0, generator)
-        return (per_example * float("nan") if calls["n"] == 7 else per_example), t
-
-    monkeypatch.setattr(GaussianDiffusion, "loss", poisoned)
+    poison_loss(monkeypatch, at_call=7)
     common = ["trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=4",
               "model.lr_scheduler.warmup_steps=10"] + QUIET
     first = compose_cfg(common + ["trainer.max_steps=12"], run_dir=tmp_path / "runs" / "digits" / "first")
     with pytest.raises(NonFiniteLossError, match=r"ckpt_path=last model\.optimizer\.lr=<lower>"):
         train(first)
-    monkeypatch.setattr(GaussianDiffusion, "loss", original)
+    monkeypatch.undo()  # the healthy loss again for the resumed run
 
     second = compose_cfg(common + ["trainer.max_steps=12", "ckpt_path=last", "model.optimizer.lr=1e-4"],
                          run_dir=tmp_path / "runs" / "digits" / "second")

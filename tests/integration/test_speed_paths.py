@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from diffusion_lab.training import DiffusionModule, NonFiniteLossError
+from tests.conftest import poison_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,16 +83,7 @@ def test_compile_runs_a_few_steps_with_clean_state_dict_keys(compose_cfg):
 def test_a_nan_loss_between_logging_steps_still_stops_the_run(compose_cfg, monkeypatch):
     """The finite check is read on logging steps only (no per-step host sync): a NaN at step 2 with logging every
     5 steps stops the run at step 4, naming step 2."""
-    from diffusion_lab.diffusion.gaussian import GaussianDiffusion
-
-    original, calls = GaussianDiffusion.loss, {"n": 0}
-
-    def poisoned(self, net, x0, generator=None):
-        calls["n"] += 1
-        per_example, t = original(self, net, x0, generator)
-        return (per_example * float("nan") if calls["n"] == 3 else per_example), t
-
-    monkeypatch.setattr(GaussianDiffusion, "loss", poisoned)
+    calls = poison_loss(monkeypatch, at_call=3)
     with pytest.raises(NonFiniteLossError, match="at step 2 \\(detected at step 4\\)"):
         fit(compose_cfg, ["trainer.log_every_n_steps=5"], steps=10)
     assert calls["n"] == 5

@@ -12,6 +12,7 @@ import torch
 from diffusion_lab.cli.train import train
 from diffusion_lab.training import DiffusionModule, NonFiniteLossError
 from diffusion_lab.training.checkpoints import load_checkpoint, load_module
+from tests.conftest import poison_loss
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
@@ -169,17 +170,7 @@ def test_resume_continues_exactly(compose_cfg, tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(compose_cfg, monkeypatch):
-    from diffusion_lab.diffusion.gaussian import GaussianDiffusion
-
-    original = GaussianDiffusion.loss
-    calls = {"n": 0}
-
-    def poisoned(self, net, x0, generator=None):
-        calls["n"] += 1
-        per_example, t = original(self, net, x0, generator)
-        return (per_example * float("nan") if calls["n"] == 6 else per_example), t
-
-    monkeypatch.setattr(GaussianDiffusion, "loss", poisoned)
+    poison_loss(monkeypatch, at_call=6)
     cfg = compose_cfg(["trainer.max_steps=20", "callbacks.model_checkpoint.every_n_train_steps=4",
                        "callbacks.sample_grid.every_n_steps=0"])
     with pytest.raises(NonFiniteLossError, match="at step 5"):

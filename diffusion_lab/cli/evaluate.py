@@ -55,7 +55,8 @@ def grid(cfg: DictConfig, T: int) -> list[Sampler]:
                               clip_denoised=bool(g.get("ddim_clip_denoised", False))) for s in steps]
     for variance in g.get("ddpm_variance") or []:
         cells += [DDPMSampler(num_steps=s, variance=variance, spacing=spacing) for s in list(g.ddpm_steps) + full]
-    cells += [DPMSolverSampler(num_steps=s) for s in g.get("dpm_solver_steps") or []]
+    cells += [DPMSolverSampler(num_steps=s, clip_denoised=bool(g.get("dpm_solver_clip_denoised", True)))
+              for s in g.get("dpm_solver_steps") or []]
     return cells
 
 

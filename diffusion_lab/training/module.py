@@ -34,6 +34,49 @@ class EMAUpdate:
                 p_ema.copy_(p_ema * self.decay + p_model * (1 - self.decay))
 
 
+class EMAModel(AveragedModel):
+    """:class:`AveragedModel` whose update never reads its step counter on the host.
+
+    torch's ``update_parameters`` evaluates ``n_averaged == 0`` and ``n_averaged > 0`` as Python booleans: two
+    host syncs per training step on a GPU, which stop the CPU from queueing the next step's kernels. This keeps a
+    host copy of the counter (read once, at the first update or after a checkpoint is loaded) and does the same
+    arithmetic: copy at the first update, then ``multi_avg_fn`` over each (device, dtype) group. ``state_dict``
+    (``n_averaged`` included) is unchanged.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._host_n_averaged: int | None = None
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if not self.use_buffers or self.multi_avg_fn is None:
+            self._host_n_averaged = None
+            return super().update_parameters(model)
+        if self._host_n_averaged is None:
+            self._host_n_averaged = int(self.n_averaged)  # one sync: first update, or after loading a checkpoint
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [p.detach() for p in (*model.parameters(), *model.buffers())]
+        if len(averaged) != len(current):
+            raise ValueError(f"EMA holds {len(averaged)} tensors but the model has {len(current)}")
+        if self._host_n_averaged == 0:
+            torch._foreach_copy_(averaged, [c.to(a.device) for a, c in zip(averaged, current)])
+        else:
+            groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+            for a, c in zip(averaged, current):
+                group = groups.setdefault((a.device, a.dtype), ([], []))
+                group[0].append(a)
+                group[1].append(c.to(a.device))
+            for (device, _), (ema_group, model_group) in groups.items():
+                self.multi_avg_fn(ema_group, model_group, self.n_averaged.to(device))
+        self.n_averaged += 1
+        self._host_n_averaged += 1
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_n_averaged = None  # re-read from the loaded counter at the next update
+
+
 class NonFiniteLossError(UserError, RuntimeError):
     """The training loss (or the weights about to be checkpointed) stopped being finite."""
 
@@ -70,7 +113,7 @@ class DiffusionModule(L.LightningModule):
         self.channels_last = channels_last
         if channels_last:
             net.to(memory_format=torch.channels_last)  # before the EMA copy, so both use it
-        self.ema = AveragedModel(net, multi_avg_fn=EMAUpdate(ema_decay), use_buffers=True)
+        self.ema = EMAModel(net, multi_avg_fn=EMAUpdate(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         # A compiled view of the raw net for training; kept out of the module tree so state_dict keys stay clean.
         self.__dict__["_train_net"] = torch.compile(net) if compile else net

@@ -88,11 +88,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds; the median is reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls for precision 32 on a GPU")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     parser.add_argument("--out", default=None, help="JSON record path (default: sample_throughput_<exp>.json)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides of the train config")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     net, diffusion = build_net(args.experiment, args.overrides)
     net, diffusion = net.to(device), diffusion.to(device)
@@ -131,7 +133,7 @@ def main() -> None:
               f"{row['tflops']:.3f} TFLOP/s   x{evals_per_s / rows[0]['network_evaluations_per_s']:.2f}{frac}",
               flush=True)
     record = {"experiment": args.experiment, "device": name, "batch_size": args.batch_size, "steps": args.steps,
-              "rounds": args.rounds, "parameters": params, "flops_per_evaluation": flops, "tf32": args.tf32,
+              "rounds": args.rounds, "parameters": params, "flops_per_evaluation": flops, "tf32": args.tf32, "cudnn_benchmark": args.cudnn_benchmark,
               "torch": torch.__version__, "results": rows}
     out = Path(args.out or f"sample_throughput_{args.experiment}.json")
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -51,10 +51,16 @@ def test_bound_falls_as_a_digits_model_trains():
         optimizer.zero_grad()
         loss.mean().backward()
         optimizer.step()
-    print(bounds)
     assert bounds[0] == pytest.approx(zeros, rel=1e-6)
     assert bounds[0] > bounds[60] > bounds[200]
     assert bounds[200] < 0.8 * bounds[0]
+    # Regression values (torch 2.14.1, CPU, measured with 1 thread; this test's seeds fix every draw): 5.2121 bits/dim
+    # for the untrained (zero-output) model, 4.0367 after 60 Adam steps, 3.6558 after 200. The 2% tolerance
+    # absorbs BLAS/thread-order rounding compounded over 200 steps; a wrong term (e.g. a 256-level decoder bin
+    # for this 17-level data, a missing prior or decoder term, or L_t in nats) moves them by far more.
+    assert bounds[0] == pytest.approx(5.2121, rel=1e-3)
+    assert bounds[60] == pytest.approx(4.0367, rel=0.02)
+    assert bounds[200] == pytest.approx(3.6558, rel=0.02)
 
 
 def test_val_bpd_is_the_same_on_one_and_two_processes(tmp_path):

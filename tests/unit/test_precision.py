@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -59,3 +61,24 @@ def test_bf16_mixed_sampling_stays_float32_and_close_to_fp32(net, sampler):
 def test_unknown_precision_is_refused(net):
     with pytest.raises(PrecisionError, match="allowed: 32, bf16-mixed, 16-mixed"):
         sampling_net(net, "8-mixed")
+
+
+def precision_warnings(call) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if "precision=" in str(w.message)]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_low_precision_on_a_cpu_without_native_kernels_warns_once(net, monkeypatch, native):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    wrapped = sampling_net(net, "bf16-mixed")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
+    first = precision_warnings(lambda: wrapped(x, t))
+    if native:
+        assert first == []
+    else:
+        assert len(first) == 1 and "slow generic code" in first[0] and "Use precision=32" in first[0]
+    assert precision_warnings(lambda: wrapped(x, t)) == []  # once per wrapped network, not every sampler step
+    assert precision_warnings(lambda: sampling_net(net, "32")(x, t)) == []  # fp32 never warns

@@ -110,7 +110,7 @@ def warn_slow_cpu_autocast(dtype: torch.dtype) -> None:
         warnings.warn(
             f"precision={'bf16' if dtype == torch.bfloat16 else '16'}-mixed on a CPU without native "
             f"{dtype} kernels ({torch.backends.cpu.get_cpu_capability()}): the convolutions fall back to slow "
-            "generic code (digits U-Net on an AVX2 CPU: ~7x slower than fp32). Use precision=32 on this machine; "
+            "generic code (digits U-Net on an AVX2 CPU: 7-14x slower than fp32). Use precision=32 on this machine; "
             "low precision pays off on GPUs and on CPUs with AVX512-BF16/AMX.",
             stacklevel=3,
         )

@@ -130,6 +130,11 @@ class InMemoryImages(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.transform(self.images[index])
 
+    @property
+    def base(self) -> torch.Tensor:
+        """The stored, unfinished images (what ``transform`` finishes), as ``_Transformed.base``."""
+        return self.images
+
 
 class _RawBatches(TensorImages):
     """The loader's view of :class:`InMemoryImages`: a batch of indices is one gather (``__getitems__``, which

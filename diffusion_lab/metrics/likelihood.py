@@ -122,7 +122,7 @@ def dataset_images(datamodule: Any, split: str, num_images: int | None) -> Tenso
                                     f"choose 1..{len(data)} (or null for all)")
     transform = copy.copy(datamodule.transform)
     transform.hflip = False  # the bound of the data set itself, not of random mirror images
-    base = getattr(data, "base", data)
+    base = data.base  # the unfinished items (per-image and in-memory data sets alike): finished once, here
     return torch.stack([transform(base[i]) for i in range(n)])
 
 

@@ -84,11 +84,11 @@ class NonFiniteLossError(UserError, RuntimeError):
 class DiffusionModule(L.LightningModule):
     """Trains ``net`` on ``diffusion.loss`` and keeps an exponential moving average of its weights.
 
-    The EMA is a :class:`torch.optim.swa_utils.AveragedModel` held by the module itself (``self.ema``), so it
-    is part of ``state_dict`` (raw weights under ``net.*``, EMA under ``ema.module.*``), saved in every
-    checkpoint, restored on resume and used by :meth:`sample`. Its parameters do not require gradients, so
-    DDP neither syncs nor waits for them. ``AveragedModel`` copies the weights at its first update and then
-    applies ``ema = decay * ema + (1 - decay) * w`` after every optimizer step from ``ema_start_step`` on.
+    The EMA is an :class:`EMAModel` (torch's ``AveragedModel`` without its per-step host syncs) held by the
+    module itself (``self.ema``), so it is part of ``state_dict`` (raw weights under ``net.*``, EMA under
+    ``ema.module.*``), saved in every checkpoint, restored on resume and used by :meth:`sample`. Its parameters
+    do not require gradients, so DDP neither syncs nor waits for them. It copies the weights at its first update
+    and then applies ``ema = decay * ema + (1 - decay) * w`` after every optimizer step from ``ema_start_step`` on.
     """
 
     def __init__(

@@ -3,7 +3,7 @@
     python experiments/benchmarks/profile_train_step.py --experiment ddpm_cifar10 --precision bf16-mixed
     python experiments/benchmarks/profile_train_step.py --experiment digits --accelerator cpu --batch-size 128
 
-The step is train_throughput.py's plain loop (the module's loss, backward, clipping, fused Adam, EMA update) on
+The step is train_throughput.py's plain loop (the module's loss, backward, clipping, Adam, LR schedule, EMA) on
 synthetic data of the experiment's shape. Prints the wall time per step, the device's busy time per step (the sum
 of its kernels' time: wall >> busy means the device waits for the host, i.e. launch overhead or host syncs),
 and the top operators by device (or CPU) self time. Hydra overrides (``key=value``) may follow.
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import build, compose_config, split_argv  # noqa: E402
+from train_throughput import _sync, compose_config, plain_step, seconds_per_step, split_argv  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,53 +39,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-ema", action="store_true",
                         help="update the EMA with torch's AveragedModel.update_parameters (two host syncs per step)")
     args = parser.parse_args(options)
-    args.steps_total = args.warmup + args.steps
     cuda = args.accelerator == "gpu"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ns = argparse.Namespace(experiment=args.experiment, batch_size=args.batch_size, accelerator=args.accelerator,
                             warmup=args.warmup, steps=args.steps)
     cfg = compose_config(ns, overrides, args.precision, args.compile, args.channels_last)
-    torch.backends.cudnn.benchmark = bool(cfg.trainer.get("benchmark", False))
-    datamodule, module = build(cfg)
-    device = torch.device("cuda" if cuda else "cpu")
-    module.to(device)
-    datamodule.setup("fit")
-    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())).to(device), 0)
-    if module.channels_last:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    config = module.configure_optimizers()
-    optimizer = config if isinstance(config, torch.optim.Optimizer) else config["optimizer"]
-    dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float16
-    autocast = torch.autocast(device.type, dtype=dtype) if args.precision.endswith("-mixed") else nullcontext()
-
-    def step() -> None:
-        with autocast:
-            per_example, _ = module.diffusion.loss(module._train_net, batch)
-            loss = per_example.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.net.parameters(), cfg.trainer.gradient_clip_val, foreach=True)
-        optimizer.step()
-        if args.torch_ema:
-            AveragedModel.update_parameters(module.ema, module.net)
-        else:
-            module.ema.update_parameters(module.net)
-
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(args.warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    wall = (time.perf_counter() - start) / args.steps
+    torch_ema = (lambda module: AveragedModel.update_parameters(module.ema, module.net)) if args.torch_ema else None
+    step = plain_step(cfg, args.accelerator, ema_update=torch_ema)
+    wall = seconds_per_step(step, args.warmup, args.steps)
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
-        sync()
+        _sync()
     events = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     # Kernels only (device-side events): operator rows also carry their kernels' time and would count it twice.

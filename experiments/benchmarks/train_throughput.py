@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from typing import Callable
 
 import lightning as L
 import torch
@@ -85,10 +86,14 @@ def lightning_images_per_s(cfg: DictConfig, args: argparse.Namespace) -> tuple[f
     return args.steps * args.batch_size * trainer.world_size / (timer.end - timer.start), trainer.world_size
 
 
-def plain_loop_images_per_s(cfg: DictConfig, args: argparse.Namespace) -> float:
-    """The same module, batch and update written as a hand loop (what a user would otherwise write)."""
+def plain_step(cfg: DictConfig, accelerator: str,
+               ema_update: Callable[[L.LightningModule], None] | None = None) -> Callable[[], None]:
+    """One training step of the module written as a hand loop (what a user would otherwise write): the module's
+    loss on one fixed batch, backward, clipping, the optimizer and LR schedule, the EMA update (``ema_update``
+    replaces the module's own, e.g. to time torch's). Also used by profile_train_step.py."""
     datamodule, module = build(cfg)
-    device = torch.device("cuda" if args.accelerator == "gpu" else args.accelerator)
+    device = torch.device("cuda" if accelerator == "gpu" else accelerator)
+    torch.backends.cudnn.benchmark = bool(cfg.trainer.get("benchmark", False))  # as the Trainer would set it
     module.to(device)
     datamodule.setup("fit")
     batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())).to(device), 0)
@@ -101,11 +106,8 @@ def plain_loop_images_per_s(cfg: DictConfig, args: argparse.Namespace) -> float:
     if module.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     net = module._train_net
-    start = 0.0
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            _sync()
-            start = time.perf_counter()
+
+    def step() -> None:
         with autocast:
             per_example, _ = module.diffusion.loss(net, batch)
             loss = per_example.mean()
@@ -115,9 +117,29 @@ def plain_loop_images_per_s(cfg: DictConfig, args: argparse.Namespace) -> float:
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        module.ema.update_parameters(module.net)
+        if ema_update is None:
+            module.ema.update_parameters(module.net)
+        else:
+            ema_update(module)
+
+    return step
+
+
+def seconds_per_step(step: Callable[[], None], warmup: int, steps: int) -> float:
+    """Device-synchronised wall time per call of ``step``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
     _sync()
-    return args.steps * args.batch_size / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync()
+    return (time.perf_counter() - start) / steps
+
+
+def plain_loop_images_per_s(cfg: DictConfig, args: argparse.Namespace) -> float:
+    """The same module, batch and update as a hand loop, timed like the Lightning run."""
+    return args.batch_size / seconds_per_step(plain_step(cfg, args.accelerator), args.warmup, args.steps)
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:

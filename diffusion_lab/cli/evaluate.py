@@ -136,10 +136,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
     # 1. the model, first: a bad ckpt fails in a second, before any reference statistics are built
     model = None
+    metrics = MetricsConfig(**cfg.metrics)
     if evaluating:
         require_positive("num_samples", cfg.num_samples)
-        metrics_early = MetricsConfig(**cfg.metrics)
-        metrics_early.check(cfg.num_samples)  # on every rank, so that no rank waits for one that failed
+        metrics.check(cfg.num_samples)  # on every rank, so that no rank waits for one that failed
         model = load_model(cfg.ckpt, cfg.use_ema, fabric.device)
         net = sampling_net(model.net, cfg.precision, cfg.compile)
         out = Path(cfg.out) if cfg.out else (model.path.resolve().parent.parent / "eval")
@@ -148,7 +148,6 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
     # 2. the feature extractor and the reference statistics (rank 0 builds and caches them, then the others)
     extractor_name = resolve_extractor(cfg)
-    metrics = MetricsConfig(**cfg.metrics)
     reference = None
     with fabric.rank_zero_first():
         extractor = make_extractor(extractor_name, cfg.inception_weights)

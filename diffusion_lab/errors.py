@@ -27,6 +27,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be used: unreadable, not this project's, unsafe, or from another model."""
 
 
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """``ckpt_path`` / ``ckpt=`` names neither a checkpoint file nor a folder that holds one."""
+
+
 _GUARD_ACTIVE = "_DIFFUSION_LAB_GUARD_ACTIVE"
 
 

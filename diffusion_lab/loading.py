@@ -18,13 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
-from diffusion_lab.errors import UserError
+from diffusion_lab.errors import CheckpointNotFoundError, UserError
 
 PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-
-class CheckpointNotFoundError(UserError, FileNotFoundError):
-    """``ckpt=`` names neither a checkpoint file nor a diffusers-layout folder."""
 
 
 class PrecisionError(UserError, ValueError):

@@ -16,11 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from diffusion_lab.errors import CheckpointError, UserError
-
-
-class CheckpointNotFoundError(UserError, FileNotFoundError):
-    """``ckpt_path`` / ``ckpt`` names nothing usable."""
+from diffusion_lab.errors import CheckpointError, CheckpointNotFoundError
 
 
 def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str, current_run: str | Path) -> str | None:

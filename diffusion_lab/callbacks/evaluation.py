@@ -83,7 +83,7 @@ class FIDEvaluation(L.Callback):
         runs = count_due(self.every_n_steps, (), trainer.global_step, last_step)
         if self.at_train_end and not (self.every_n_steps > 0 and last_step % self.every_n_steps == 0):
             runs += 1
-        per_rank = len(range(trainer.global_rank, self.num_samples, trainer.world_size))
+        per_rank = len(shard(self.num_samples, trainer.global_rank, trainer.world_size))
         return runs * per_rank * len((self.sampler or pl_module.sampler).visited(pl_module.diffusion))
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> dict[str, float]:

@@ -14,7 +14,7 @@ each lookup is cast to the dtype of the tensor it multiplies, as the original co
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -314,6 +314,15 @@ class GaussianDiffusion(nn.Module):
             frozen = torch.cat([mean_part.detach(), v], dim=1).float()
             per_example = per_example + HYBRID_LAMBDA * self.num_timesteps * self.vb_terms(frozen, x0, x_t, t)
         return per_example, t
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Every buffer is a function of the constructor's arguments. A checkpoint written before a buffer was added
+        # (e.g. ``log_betas``, new with learned variances) lacks it: keep the value computed here instead of failing
+        # a strict load, so that older checkpoints still load, resume and sample.
+        for name, buffer in self._buffers.items():
+            if buffer is not None and prefix + name not in state_dict:
+                state_dict[prefix + name] = buffer
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"T={self.num_timesteps}, schedule={self.schedule!r}, prediction_type={self.prediction_type!r}, "

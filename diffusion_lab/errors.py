@@ -80,8 +80,11 @@ def main_guard(entry: Callable[..., Any]) -> Callable[..., Any]:
 
 def describe_user_error(error: BaseException) -> str | None:
     """The one-paragraph message for a user error, or None when ``error`` is a bug (keep its traceback)."""
-    if isinstance(error, UserError):
-        return str(error)
+    cause: BaseException | None = error
+    while cause is not None:  # also a user error raised in a constructor that hydra's instantiate() wrapped
+        if isinstance(cause, UserError):
+            return str(cause)
+        cause = cause.__cause__
     return describe_hydra_error(error)
 
 

@@ -6,6 +6,10 @@
   code gives meaningful numbers offline on the embedded data. Its 64-d pre-activation layer (full-rank
   covariance, unlike post-ReLU features) serves FID/KID; its logits serve IS. The network is this project's own
   (no package ships one); it is trained on first use (~10 s on a CPU) and cached.
+- ``digits-pixels``: no network at all: the 64 pixel values themselves, in the digits' own 0-16 intensity units.
+  A second, independent yardstick for FID on digits (issue 17): it sees what a classifier is built to ignore
+  (a brightness or contrast shift, speckle noise, a wrong pixel histogram) and shares no training, split or
+  seed with ``digits-classifier``. It has no logits, so it serves FID/KID/precision-recall but not IS.
 """
 
 from __future__ import annotations
@@ -180,17 +184,60 @@ class FeatureExtractorDigits(FeatureExtractorBase):
         return tuple(out[name] for name in self.features_list)
 
 
-if "digits-classifier" not in FEATURE_EXTRACTORS_REGISTRY:
-    register_feature_extractor("digits-classifier", FeatureExtractorDigits)
+class FeatureExtractorDigitsPixels(FeatureExtractorBase):
+    """uint8 (B, C, H, W) -> ("pixels",): the image as 8x8 grey levels on the digits' 0-16 scale, flattened.
 
-EXTRACTORS = ("inception-v3-compat", "digits-classifier")
-LAYERS = {"inception-v3-compat": ("2048", "logits_unbiased"), "digits-classifier": ("64", "logits")}
+    The scale is the data set's own (scikit-learn stores the digits as integers 0-16); FID scales with its
+    square, so in these units 1,000 real digits against all 1,797 score about 4, as with the classifier.
+    """
+
+    def __init__(self, name: str, features_list: list[str], **kwargs) -> None:
+        super().__init__(name, features_list)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("pixels",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        if metric == "isc":
+            raise ValueError("digits-pixels has no logits: IS needs a classifier (digits-classifier)")
+        return "pixels"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise ValueError(f"expected uint8 images (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        x = x.float().div(255)
+        if x.shape[1] == 3:
+            x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if x.shape[-2:] != (8, 8):
+            x = F.interpolate(x, size=(8, 8), mode="area")
+        return (x.flatten(1) * 16,)
+
+
+for _name, _cls in (("digits-classifier", FeatureExtractorDigits), ("digits-pixels", FeatureExtractorDigitsPixels)):
+    if _name not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(_name, _cls)
+
+EXTRACTORS = ("inception-v3-compat", "digits-classifier", "digits-pixels")
+LAYERS = {"inception-v3-compat": ("2048", "logits_unbiased"), "digits-classifier": ("64", "logits"),
+          "digits-pixels": ("pixels",)}
 
 
 def make_extractor(name: str, inception_weights: str | None = None, allow_download: bool = True) -> FeatureExtractorBase:
-    """The extractor ``name`` providing (FID/KID layer, IS layer)."""
+    """The extractor ``name`` providing (FID/KID layer, IS layer), or the FID/KID layer alone (digits-pixels)."""
     if name == "inception-v3-compat":
         return inception_extractor(inception_weights, allow_download)
     if name == "digits-classifier":
         return FeatureExtractorDigits(name, list(LAYERS[name]))
+    if name == "digits-pixels":
+        return FeatureExtractorDigitsPixels(name, list(LAYERS[name]))
     raise ValueError(f"unknown metrics.feature_extractor {name!r}; allowed: {', '.join(EXTRACTORS)}")

@@ -69,13 +69,15 @@ class MetricsConfig:
 @torch.no_grad()
 def extract(extractor: FeatureExtractorBase, images_uint8: Iterable[torch.Tensor], device: torch.device | str = "cpu"
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features for FID/KID, logits for IS) of uint8 batches, both float64 on the CPU."""
+    """(features for FID/KID, logits for IS) of uint8 batches, both float64 on the CPU. An extractor without
+    logits (digits-pixels) gives (B, 0) logits."""
     extractor = extractor.to(device).eval()
     feats, logits = [], []
     for batch in images_uint8:
         if batch.shape[1] == 1 and extractor.get_name() == "inception-v3-compat":
             batch = batch.expand(-1, 3, -1, -1)
-        f, lg = extractor(batch.to(device))
+        f, *rest = extractor(batch.to(device))
+        lg = rest[0] if rest else f.new_zeros(len(f), 0)
         feats.append(f.double().cpu())
         logits.append(lg.double().cpu())
     return torch.cat(feats), torch.cat(logits)
@@ -112,6 +114,9 @@ def compute_metrics(features: torch.Tensor, logits: torch.Tensor, reference: dic
         if config.fid_bootstrap > 1:
             out["fid_std"] = fid_bootstrap_std(features, ref, config.fid_bootstrap, config.rng_seed)
     if config.isc:
+        if logits.shape[1] == 0:
+            raise MetricsConfigError("IS needs a classifier's logits and this feature extractor has none "
+                                     "(digits-pixels); use digits-classifier, or metrics.isc=false")
         isc = isc_features_to_metric(logits, splits=config.isc_splits, shuffle=True, rng_seed=config.rng_seed)
         out["is"], out["is_std"] = isc[KEY_METRIC_ISC_MEAN], isc[KEY_METRIC_ISC_STD]
     if config.kid:

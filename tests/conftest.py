@@ -34,6 +34,7 @@ TINY = [
     "callbacks.fid.num_samples=64",
     "callbacks.fid.batch_size=64",
     "callbacks.fid.on_train_end=false",
+    "callbacks.fid.extra_samplers.ddim50.num_steps=5",
     "~callbacks.progress_bar",
     "~callbacks.model_summary",
     "trainer.enable_progress_bar=false",

@@ -4,23 +4,37 @@ Under DDP every rank draws its share of the sample indices (rank, rank + world, 
 and put back in index order, so the numbers are the same on 1 process or N: image i depends only on
 (seed, i). Metrics are logged as ``val/fid``, ``val/is``, ``val/kid`` to every logger; a ModelCheckpoint
 monitoring ``val/fid`` (callbacks/eval.yaml) keeps the best-FID checkpoint, as the papers report.
+
+One sampler and one extractor can hide a regression that another sees (issue 17: a clipped DPM-Solver++ FID
+stayed level while the unclipped DDIM FID doubled). ``extra_samplers`` ({name: sampler}) score the same
+seeds with other samplers, logged as ``val/fid_<name>``; ``extra_extractors`` score every sampler's images with
+other feature extractors too, logged as ``val/fid_<extractor>`` and ``val/fid_<name>_<extractor>`` (FID only;
+IS stays the main extractor's). ``gate`` ({score name: upper bound}) is checked on the last evaluation of a run
+of ``gate_recipe`` ({num_samples, max_steps}: what the bands were measured for); see
+:mod:`diffusion_lab.metrics.gate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, OmegaConf, SCMode
 
 from diffusion_lab.callbacks.progress import SamplingClock, count_due
 from diffusion_lab.metrics.evaluate import gather_in_index_order, generate_features, shard
-from diffusion_lab.metrics.extractors import make_extractor
-from diffusion_lab.metrics.fidelity import MetricsConfig, compute_metrics
+from diffusion_lab.metrics.extractors import EXTRACTORS, LAYERS, make_extractor
+from diffusion_lab.metrics.fidelity import MetricsConfig, compute_metrics, extract
+from diffusion_lab.config import ConfigError
+from diffusion_lab.metrics.gate import check_gate
 from diffusion_lab.metrics.reference import get_reference
 from diffusion_lab.samplers.base import Sampler
+from diffusion_lab.utils.images import to_uint8
 
 _log = logging.getLogger(__name__)  # (`log` is a flag of run())
 
@@ -40,14 +54,51 @@ class FIDEvaluation(L.Callback):
         seed: int = 0,
         batch_size: int = 256,
         on_train_end: bool = True,
+        extra_samplers: dict[str, Sampler] | None = None,
+        extra_extractors: list[str] | tuple[str, ...] = (),
+        gate: dict[str, float] | None = None,
+        gate_recipe: dict[str, int] | None = None,
     ) -> None:
+        bad = [n for n in (extra_samplers or {}) if not str(n).replace("-", "").replace("_", "").isalnum()]
+        if bad:
+            raise ConfigError(f"callbacks.fid.extra_samplers: names must be letters, digits, - or _ (they name the "
+                              f"logged metric val/fid_<name>), got {bad}")
+        unknown = [e for e in [feature_extractor, *extra_extractors] if e not in EXTRACTORS]
+        if unknown:
+            raise ConfigError(f"callbacks.fid: unknown feature extractor(s) {unknown}; "
+                              f"allowed: {', '.join(EXTRACTORS)}")
+        if isinstance(extra_samplers, DictConfig):  # Hydra keeps the instantiated (dataclass) samplers as structured
+            extra_samplers = OmegaConf.to_container(extra_samplers, structured_config_mode=SCMode.INSTANTIATE)
+        self.extra_samplers = {str(k): v for k, v in (extra_samplers or {}).items()}
+        wrong = {k: type(v).__name__ for k, v in self.extra_samplers.items() if not isinstance(v, Sampler)}
+        if wrong:
+            raise ConfigError(f"callbacks.fid.extra_samplers: {wrong} are not samplers; give each a sampler config "
+                              f"with _target_ (e.g. diffusion_lab.samplers.DDIMSampler)")
+        self.extra_extractors = [str(e) for e in extra_extractors if str(e) != feature_extractor]
         self.dataset_name, self.every_n_steps, self.num_samples = dataset_name, every_n_steps, num_samples
         self.sampler, self.seed, self.batch_size, self.at_train_end = sampler, seed, batch_size, on_train_end
         self.metrics = metrics if isinstance(metrics, MetricsConfig) else MetricsConfig(**(metrics or {}))
+        if self.metrics.isc and len(LAYERS[feature_extractor]) < 2:
+            raise ConfigError(f"callbacks.fid.feature_extractor={feature_extractor} has no logits for IS; use "
+                              f"digits-classifier (and {feature_extractor} in extra_extractors), or metrics.isc=false")
+        self.gate = dict(gate or {})
+        # FID depends on the sample count and the bands on the run length: check only the recipe they hold for
+        self.gate_recipe = {str(k): int(v) for k, v in (gate_recipe or {}).items()}
+        unknown = sorted(set(self.gate_recipe) - {"num_samples", "max_steps"})
+        if unknown:
+            raise ConfigError(f"callbacks.fid.gate_recipe: unknown key(s) {unknown}; allowed: num_samples, max_steps")
+        self.gate_failures: list[str] = []
+        self.values: dict[str, float] = {}  # the last evaluation's logged scores
+        missing = sorted(set(self.gate) - set(self.logged_names()))
+        if missing:  # found at start-up, not after training
+            raise ConfigError(f"callbacks.fid.gate bounds {missing}, but this callback logs only "
+                              f"{', '.join(self.logged_names())}; fix the gate's keys or add the sampler/extractor")
+        check_gate({}, self.gate)  # a bound that is not a number fails now
         self.feature_extractor, self.inception_weights = feature_extractor, inception_weights
         self.reference_dir, self.split = Path(reference_dir), split
         self.reference: dict | None = None
         self.extractor: Any = None
+        self.extras: dict[str, tuple[Any, dict]] = {}  # extra extractor name -> (extractor, reference)
         self.history: list[dict[str, float]] = []
         self.clock = SamplingClock()
         self._last_step = -1
@@ -60,14 +111,22 @@ class FIDEvaluation(L.Callback):
 
     def _setup(self, trainer: L.Trainer) -> None:
         self.extractor = make_extractor(self.feature_extractor, self.inception_weights)
+        self.reference = self._reference(trainer, self.feature_extractor)
+        for name in self.extra_extractors:
+            self.extras[name] = (make_extractor(name, self.inception_weights), self._reference(trainer, name))
+
+    def _reference(self, trainer: L.Trainer, extractor: str) -> dict:
+        """Rank 0 builds (or reads) the cached statistics first; the others read them after the barrier."""
+        reference = None
         if trainer.is_global_zero:
-            self.reference = get_reference(trainer.datamodule, self.dataset_name, self.split, self.feature_extractor,
-                                           self.reference_dir, need_features=self.metrics.needs_reference_features,
-                                           inception_weights=self.inception_weights)
+            reference = get_reference(trainer.datamodule, self.dataset_name, self.split, extractor, self.reference_dir,
+                                      need_features=self.metrics.needs_reference_features,
+                                      inception_weights=self.inception_weights)
         trainer.strategy.barrier()
         if not trainer.is_global_zero:
-            self.reference = get_reference(trainer.datamodule, self.dataset_name, self.split, self.feature_extractor,
-                                           self.reference_dir, need_features=self.metrics.needs_reference_features)
+            reference = get_reference(trainer.datamodule, self.dataset_name, self.split, extractor, self.reference_dir,
+                                      need_features=self.metrics.needs_reference_features)
+        return reference
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -77,6 +136,25 @@ class FIDEvaluation(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_train_end and trainer.global_step != self._last_step:
             self.run(trainer, pl_module, log=False)
+        if trainer.is_global_zero and self.gate:
+            run = {"num_samples": self.num_samples, "max_steps": trainer.max_steps}
+            other = {k: (v, run[k]) for k, v in self.gate_recipe.items() if run[k] != v}
+            if other:
+                _log.info("quality gate not checked: its bands hold for %s; this run has %s",
+                          ", ".join(f"{k}={want}" for k, (want, _) in other.items()),
+                          ", ".join(f"{k}={have}" for k, (_, have) in other.items()))
+            else:
+                self.check_gate()
+
+    def logged_names(self) -> list[str]:
+        """The scores one evaluation logs: val/fid, val/is, val/kid (as enabled) and the extra FIDs."""
+        names = [n for n, on in (("val/fid", self.metrics.fid), ("val/is", self.metrics.isc),
+                                 ("val/kid", self.metrics.kid)) if on]
+        if self.metrics.fid:
+            for label in ["", *self.extra_samplers]:
+                names += [f"val/fid_{'_'.join(p for p in (label, e) if p)}" for e in [None, *self.extra_extractors]
+                          if label or e]
+        return names
 
     def remaining_evaluations(self, trainer: L.Trainer, pl_module: L.LightningModule, last_step: int) -> int:
         """Single-image network evaluations this rank will still run after the current step up to ``last_step``."""
@@ -84,23 +162,48 @@ class FIDEvaluation(L.Callback):
         if self.at_train_end and not (self.every_n_steps > 0 and last_step % self.every_n_steps == 0):
             runs += 1
         per_rank = len(shard(self.num_samples, trainer.global_rank, trainer.world_size))
-        return runs * per_rank * len((self.sampler or pl_module.sampler).visited(pl_module.diffusion))
+        samplers = [self.sampler or pl_module.sampler, *self.extra_samplers.values()]
+        return runs * per_rank * sum(len(s.visited(pl_module.diffusion)) for s in samplers)
+
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, sampler: Sampler) -> dict[str, dict]:
+        """{extractor name: scores} of this rank's share of the images drawn by ``sampler``, gathered."""
+        world = trainer.world_size
+        indices = shard(self.num_samples, trainer.global_rank, world)
+        keep = len(indices) if self.extras else 0
+        with self.clock.measure(len(indices) * len(sampler.visited(pl_module.diffusion))):
+            features, logits, images = generate_features(pl_module.ema_net, pl_module.diffusion, sampler, indices,
+                                                         self.extractor, self.seed, self.batch_size, pl_module.device,
+                                                         keep_images=keep)
+        sets = {self.feature_extractor: (features, logits, self.reference)}
+        for name, (extractor, reference) in self.extras.items():
+            sets[name] = (*extract(extractor, [to_uint8(images)], pl_module.device), reference)
+        out = {}
+        for name, (features, logits, reference) in sets.items():
+            if world > 1:
+                features, logits = (gather_in_index_order(pl_module.all_gather, x.to(pl_module.device),
+                                                          self.num_samples, world) for x in (features, logits))
+            # the extra extractors give FID (and KID/precision/recall when asked for); IS is the main one's
+            config = self.metrics if name == self.feature_extractor else dataclasses.replace(self.metrics, isc=False)
+            out[name] = compute_metrics(features, logits, reference, config)
+        return out
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> dict[str, float]:
         self._last_step = trainer.global_step
         sampler = self.sampler or pl_module.sampler
-        rank, world = trainer.global_rank, trainer.world_size
-        indices = shard(self.num_samples, rank, world)
-        with self.clock.measure(len(indices) * len(sampler.visited(pl_module.diffusion))):
-            features, logits, _ = generate_features(pl_module.ema_net, pl_module.diffusion, sampler, indices,
-                                                    self.extractor, self.seed, self.batch_size, pl_module.device)
-        if world > 1:
-            features, logits = (gather_in_index_order(pl_module.all_gather, x.to(pl_module.device), self.num_samples,
-                                                      world) for x in (features, logits))
-        scores = compute_metrics(features, logits, self.reference, self.metrics)
-        self.history.append({"step": trainer.global_step, **scores})
+        start = perf_counter()
         names = {"fid": "val/fid", "is": "val/is", "kid": "val/kid"}
-        values = {names[k]: v for k, v in scores.items() if k in names}
+        values: dict[str, float] = {}
+        scores: dict[str, float] = {}
+        for label, each in [("", sampler), *self.extra_samplers.items()]:
+            for extractor, result in self._score(trainer, pl_module, each).items():
+                suffix = "_".join(p for p in (label, "" if extractor == self.feature_extractor else extractor) if p)
+                if not suffix:
+                    scores = result
+                    values.update({names[k]: v for k, v in result.items() if k in names})
+                elif "fid" in result:
+                    values[f"val/fid_{suffix}"] = result["fid"]
+        self.history.append({"step": trainer.global_step, **scores,
+                             **{k[len("val/"):]: v for k, v in values.items() if k.startswith("val/fid_")}})
         if log:  # for ModelCheckpoint(monitor="val/fid") and the returned metrics; self.log is not allowed at the end
             for name, value in values.items():
                 pl_module.log(name, value, sync_dist=False, rank_zero_only=False, logger=False)
@@ -108,7 +211,19 @@ class FIDEvaluation(L.Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
-            _log.info("step %d: %s (%d samples, %s %d steps, %.1f s)", trainer.global_step,
-                      ", ".join(f"{k} {v:.4g}" for k, v in values.items()), self.num_samples, sampler.name,
-                      len(sampler.visited(pl_module.diffusion)), self.clock.last)
+            drawn = " + ".join(f"{s.name} {len(s.visited(pl_module.diffusion))} steps"
+                               for s in [sampler, *self.extra_samplers.values()])
+            _log.info("step %d: %s (%d samples, %s, %.1f s)", trainer.global_step,
+                      ", ".join(f"{k} {v:.4g}" for k, v in values.items()), self.num_samples, drawn,
+                      perf_counter() - start)
+        self.values = values
         return scores
+
+    def check_gate(self) -> list[str]:
+        """The last evaluation's failures against ``gate`` (logged as an error: the run and its checkpoints stay)."""
+        self.gate_failures = check_gate(self.values, self.gate) if self.gate else []
+        for failure in self.gate_failures:
+            _log.error("quality gate failed: %s (bands: experiments/digits/regression/README.md)", failure)
+        if self.gate and not self.gate_failures:
+            _log.info("quality gate passed: %s", ", ".join(f"{k} <= {v:g}" for k, v in self.gate.items()))
+        return self.gate_failures

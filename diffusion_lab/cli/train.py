@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import hydra
 import lightning as L
@@ -15,8 +15,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.config import validate_config
+from diffusion_lab.config import ConfigError, validate_config
 from diffusion_lab.errors import main_guard
+from diffusion_lab.metrics.gate import QualityGateError
+from diffusion_lab.samplers.base import Sampler
 from diffusion_lab.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files
 from diffusion_lab.training.checkpoints import check_resume_compatible, load_checkpoint, resolve_ckpt_path
 from diffusion_lab.training.resume import FinalCheckpoint, ResumeLearningRate
@@ -87,7 +89,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     datamodule.check_model(module.net)
 
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, output_dir)
-    callbacks = _instantiate_callbacks(cfg)
+    callbacks = _instantiate_callbacks(cfg, diffusion)
     if ckpt_path:
         callbacks += _resume_checks(ckpt_path, module, resolved)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -110,17 +112,38 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             wandb.finish()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     log.info("Run folder: %s", output_dir)
+    failures = [failure for callback in callbacks for failure in getattr(callback, "gate_failures", [])]
+    if failures and not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        # after the final checkpoint and the loggers: the run is kept, but the command fails (CI sees it); in a
+        # sweep a trial outside the band is a result, not an error (the callback has logged it)
+        raise QualityGateError(f"quality gate failed ({'; '.join(failures)}); the run is kept in {output_dir}. "
+                               "Bands and the seeds behind them: experiments/digits/regression/README.md")
     return metrics
 
 
-def _instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """The ``callbacks`` group; with ``callbacks.fid=null`` a checkpoint that monitors a val/ metric is left out too."""
+def _instantiate_callbacks(cfg: DictConfig, diffusion: Any) -> list[L.Callback]:
+    """The ``callbacks`` group; with ``callbacks.fid=null`` a checkpoint that monitors a val/ metric is left out too.
+
+    The sampling callbacks' own samplers are checked against the process now (a bad num_steps or spacing of
+    ``callbacks.fid.sampler`` would otherwise fail at the first evaluation, or after training).
+    """
     configs = {name: c for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
     if "fid" not in configs:
         for name in [n for n, c in configs.items() if str(c.get("monitor") or "").startswith("val/")]:
             log.info("callbacks.%s is off: it monitors %s, which only callbacks.fid logs", name, configs[name].monitor)
             del configs[name]
-    return [instantiate(c) for c in configs.values()]
+    callbacks = {name: instantiate(c) for name, c in configs.items()}
+    for name, callback in callbacks.items():
+        samplers = {"sampler": getattr(callback, "sampler", None)}
+        extra = getattr(callback, "extra_samplers", None) or {}
+        samplers.update({f"extra_samplers.{k}": v for k, v in extra.items()})
+        for where, sampler in samplers.items():
+            if isinstance(sampler, Sampler):
+                try:
+                    sampler.visited(diffusion)
+                except ValueError as error:
+                    raise ConfigError(f"callbacks.{name}.{where}: {error}") from error
+    return list(callbacks.values())
 
 
 def _resume_checks(ckpt_path: str, module: L.LightningModule, resolved: dict) -> list[L.Callback]:

@@ -143,6 +143,9 @@ class FIDEvaluation(L.Callback):
                 _log.info("quality gate not checked: its bands hold for %s; this run has %s",
                           ", ".join(f"{k}={want}" for k, (want, _) in other.items()),
                           ", ".join(f"{k}={have}" for k, (_, have) in other.items()))
+            elif self._last_step != trainer.global_step:  # the bands are for the final model, not an earlier one
+                _log.info("quality gate not checked: no evaluation at the last step (%d); set "
+                          "callbacks.fid.on_train_end=true", trainer.global_step)
             else:
                 self.check_gate()
 

@@ -3,8 +3,9 @@ at the end of training by :class:`diffusion_lab.callbacks.FIDEvaluation` and usa
 
 Why a band and not one number: a digits FID of a 3,000-step run moves with the training seed and with the
 sample set. The bands of the default run (conf/experiment/digits.yaml) are the worst value measured over the
-training seeds recorded in experiments/digits/regression/README.md plus a margin of three bootstrap sds;
-outside them the run is not the same run any more (the issue-17 regression doubled them).
+training seeds recorded in experiments/digits/regression/README.md plus two bootstrap sds of that run;
+outside them the run is not the same run any more (a doubled unclipped DDIM-50 FID, the kind of change issue 17
+reported, is outside them).
 """
 
 from __future__ import annotations

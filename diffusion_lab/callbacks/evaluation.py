@@ -226,7 +226,7 @@ class FIDEvaluation(L.Callback):
         """The last evaluation's failures against ``gate`` (logged as an error: the run and its checkpoints stay)."""
         self.gate_failures = check_gate(self.values, self.gate) if self.gate else []
         for failure in self.gate_failures:
-            _log.error("quality gate failed: %s (bands: experiments/digits/regression/README.md)", failure)
+            _log.error("quality gate failed: %s (callbacks.fid.gate)", failure)
         if self.gate and not self.gate_failures:
             _log.info("quality gate passed: %s", ", ".join(f"{k} <= {v:g}" for k, v in self.gate.items()))
         return self.gate_failures

@@ -117,7 +117,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         # after the final checkpoint and the loggers: the run is kept, but the command fails (CI sees it); in a
         # sweep a trial outside the band is a result, not an error (the callback has logged it)
         raise QualityGateError(f"quality gate failed ({'; '.join(failures)}); the run is kept in {output_dir}. "
-                               "Bands and the seeds behind them: experiments/digits/regression/README.md")
+                               "The bands are callbacks.fid.gate (the default run's, and the seeds behind them: "
+                               "experiments/digits/regression/README.md)")
     return metrics
 
 

@@ -147,7 +147,30 @@ def load_digits_classifier() -> tuple[DigitsClassifier, float]:
     return net, accuracy
 
 
-class FeatureExtractorDigits(FeatureExtractorBase):
+class _DigitsInput(FeatureExtractorBase):
+    """What both digits extractors share: uint8 (B, C, H, W) images -> float (B, 1, 8, 8) grey levels in [0, 1]."""
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+
+    @staticmethod
+    def grey_8x8(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise ValueError(f"expected uint8 images (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        x = x.float().div(255)
+        if x.shape[1] == 3:
+            x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if x.shape[-2:] != (8, 8):
+            x = F.interpolate(x, size=(8, 8), mode="area")
+        return x
+
+
+class FeatureExtractorDigits(_DigitsInput):
     """torch-fidelity interface to :class:`DigitsClassifier`: uint8 (B, C, H, W) -> ("64", "logits")."""
 
     def __init__(self, name: str, features_list: list[str], **kwargs) -> None:
@@ -163,28 +186,13 @@ class FeatureExtractorDigits(FeatureExtractorBase):
     def get_default_feature_layer_for_metric(metric: str) -> str:
         return {"isc": "logits", "fid": "64", "kid": "64", "prc": "64"}[metric]
 
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if x.dtype != torch.uint8 or x.ndim != 4:
-            raise ValueError(f"expected uint8 images (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
-        x = x.float().div(255)
-        if x.shape[1] == 3:
-            x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        if x.shape[-2:] != (8, 8):
-            x = F.interpolate(x, size=(8, 8), mode="area")
-        features, logits = self.net(x)
+        features, logits = self.net(self.grey_8x8(x))
         out = {"64": features, "logits": logits}
         return tuple(out[name] for name in self.features_list)
 
 
-class FeatureExtractorDigitsPixels(FeatureExtractorBase):
+class FeatureExtractorDigitsPixels(_DigitsInput):
     """uint8 (B, C, H, W) -> ("pixels",): the image as 8x8 grey levels on the digits' 0-16 scale, flattened.
 
     The scale is the data set's own (scikit-learn stores the digits as integers 0-16); FID scales with its
@@ -204,23 +212,8 @@ class FeatureExtractorDigitsPixels(FeatureExtractorBase):
             raise ValueError("digits-pixels has no logits: IS needs a classifier (digits-classifier)")
         return "pixels"
 
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if x.dtype != torch.uint8 or x.ndim != 4:
-            raise ValueError(f"expected uint8 images (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
-        x = x.float().div(255)
-        if x.shape[1] == 3:
-            x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        if x.shape[-2:] != (8, 8):
-            x = F.interpolate(x, size=(8, 8), mode="area")
-        return (x.flatten(1) * 16,)
+        return (self.grey_8x8(x).flatten(1) * 16,)
 
 
 for _name, _cls in (("digits-classifier", FeatureExtractorDigits), ("digits-pixels", FeatureExtractorDigitsPixels)):

@@ -39,6 +39,12 @@ from diffusion_lab.utils.images import to_uint8
 _log = logging.getLogger(__name__)  # (`log` is a flag of run())
 
 
+def fid_name(sampler: str = "", extractor: str = "") -> str:
+    """The logged name of an FID: ``val/fid`` (the main sampler and extractor), ``val/fid_<sampler>``,
+    ``val/fid_<extractor>`` or ``val/fid_<sampler>_<extractor>`` (an extra sampler and/or extractor)."""
+    return "_".join(["val/fid", *(p for p in (sampler, extractor) if p)])
+
+
 class FIDEvaluation(L.Callback):
     def __init__(
         self,
@@ -154,9 +160,8 @@ class FIDEvaluation(L.Callback):
         names = [n for n, on in (("val/fid", self.metrics.fid), ("val/is", self.metrics.isc),
                                  ("val/kid", self.metrics.kid)) if on]
         if self.metrics.fid:
-            for label in ["", *self.extra_samplers]:
-                names += [f"val/fid_{'_'.join(p for p in (label, e) if p)}" for e in [None, *self.extra_extractors]
-                          if label or e]
+            names += [fid_name(label, e) for label in ["", *self.extra_samplers] for e in ["", *self.extra_extractors]
+                      if label or e]
         return names
 
     def remaining_evaluations(self, trainer: L.Trainer, pl_module: L.LightningModule, last_step: int) -> int:
@@ -199,12 +204,12 @@ class FIDEvaluation(L.Callback):
         scores: dict[str, float] = {}
         for label, each in [("", sampler), *self.extra_samplers.items()]:
             for extractor, result in self._score(trainer, pl_module, each).items():
-                suffix = "_".join(p for p in (label, "" if extractor == self.feature_extractor else extractor) if p)
-                if not suffix:
+                extra = "" if extractor == self.feature_extractor else extractor
+                if not (label or extra):
                     scores = result
                     values.update({names[k]: v for k, v in result.items() if k in names})
                 elif "fid" in result:
-                    values[f"val/fid_{suffix}"] = result["fid"]
+                    values[fid_name(label, extra)] = result["fid"]
         self.history.append({"step": trainer.global_step, **scores,
                              **{k[len("val/"):]: v for k, v in values.items() if k.startswith("val/fid_")}})
         if log:  # for ModelCheckpoint(monitor="val/fid") and the returned metrics; self.log is not allowed at the end

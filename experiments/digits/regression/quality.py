@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion_lab.callbacks.evaluation import fid_name
 from diffusion_lab.loading import load_model
 from diffusion_lab.metrics.extractors import digits_split, make_extractor
 from diffusion_lab.metrics.fidelity import MetricsConfig, compute_metrics, extract
@@ -36,8 +37,8 @@ from diffusion_lab.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
 from diffusion_lab.utils.images import to_uint8
 
 EXTRACTORS = ("digits-classifier", "digits-pixels")
-# the names the training callback logs for these samplers (conf/experiment/digits.yaml)
-LOGGED = {"dpm20_clip": "val/fid", "ddim50": "val/fid_ddim50"}
+# what the training callback calls these samplers (conf/experiment/digits.yaml): its main one and an extra one
+LOGGED = {"dpm20_clip": "", "ddim50": "ddim50"}
 SAMPLERS = {
     "ddim50": DDIMSampler(num_steps=50, eta=0.0, clip_denoised=False),
     "dpm10": DPMSolverSampler(num_steps=10, clip_denoised=False),
@@ -93,10 +94,9 @@ def logged_scores(rows: list[dict]) -> dict[str, float]:
     """One checkpoint's rows under the names the training callback logs (val/fid, val/fid_ddim50_digits-pixels...)."""
     out = {}
     for row in rows:
-        base = LOGGED.get(row["sampler"])
-        for i, extractor in enumerate(EXTRACTORS if base else ()):
-            name = base if i == 0 else (f"val/fid_{extractor}" if base == "val/fid" else f"{base}_{extractor}")
-            out[name] = row[f"fid[{extractor}]"]
+        if row["sampler"] in LOGGED:
+            for i, extractor in enumerate(EXTRACTORS):  # the first is the callback's main extractor
+                out[fid_name(LOGGED[row["sampler"]], extractor if i else "")] = row[f"fid[{extractor}]"]
     return out
 
 

@@ -16,15 +16,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion_lab.diffusion.gaussian import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES, VARIANCES
 from diffusion_lab.diffusion.schedules import SCHEDULES
-from diffusion_lab.errors import UserError
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.samplers.timesteps import SPACINGS
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(UserError, ValueError):
-    """A config key or value that cannot work; the message names the key and the fix."""
-
+__all__ = ["ConfigError", "validate_config", "accepted_keys", "check_out_channels"]
 
 # Keys whose values come from a fixed set (the same sets the library code checks).
 ALLOWED_VALUES: dict[str, tuple[Any, ...]] = {

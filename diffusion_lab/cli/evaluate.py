@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
 from diffusion_lab.cli.common import require_positive, writable_dir
-from diffusion_lab.errors import main_guard
+from diffusion_lab.cli.guard import main_guard
 from diffusion_lab.loading import LoadedModel, load_model, sampling_net
 from diffusion_lab.metrics.evaluate import evaluate, library_versions
 from diffusion_lab.metrics.extractors import make_extractor

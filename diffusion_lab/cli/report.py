@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffusion_lab.errors import main_guard
+from diffusion_lab.cli.guard import main_guard
 from diffusion_lab.reports.sweep import write_sweep_report
 
 

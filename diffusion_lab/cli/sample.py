@@ -15,7 +15,7 @@ from PIL import Image
 from rich.progress import Progress
 
 from diffusion_lab.cli.common import require_positive, writable_dir
-from diffusion_lab.errors import main_guard
+from diffusion_lab.cli.guard import main_guard
 from diffusion_lab.loading import load_model, sampling_net
 from diffusion_lab.utils.images import save_grid, to_uint8
 

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.config import ConfigError, validate_config
-from diffusion_lab.errors import main_guard
+from diffusion_lab.cli.guard import main_guard
 from diffusion_lab.metrics.gate import QualityGateError
 from diffusion_lab.samplers.base import Sampler
 from diffusion_lab.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files

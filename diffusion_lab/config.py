@@ -14,40 +14,70 @@ from typing import Any, Iterator
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffusion_lab.diffusion.gaussian import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES, VARIANCES
-from diffusion_lab.diffusion.schedules import SCHEDULES
+from diffusion_lab.diffusion.gaussian import LEARNED_SIMPLE_MESSAGE
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.samplers.timesteps import SPACINGS
 
 log = logging.getLogger(__name__)
 
 
 __all__ = ["ConfigError", "validate_config", "accepted_keys", "check_out_channels"]
 
-# Keys whose values come from a fixed set (the same sets the library code checks).
-ALLOWED_VALUES: dict[str, tuple[Any, ...]] = {
-    "diffusion.schedule": SCHEDULES,
-    "diffusion.prediction_type": PREDICTION_TYPES,
-    "diffusion.loss_weighting": LOSS_WEIGHTINGS,
-    "sampler.spacing": SPACINGS,
-    "sampler.variance": VARIANCES,
-    "diffusion.variance": VARIANCES,
-    "diffusion.loss": LOSSES,
-    "data.channels": (1, 3),
-}
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first bad key or value found in ``cfg``."""
-    for key, allowed in ALLOWED_VALUES.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+    """Raise :class:`ConfigError` for the first bad key or value found in ``cfg`` (any of the three commands' configs).
+
+    Every ``_target_`` node, nested ones too (a sampler inside a callback), is checked against its target's
+    signature: unknown keys, text where a number is wanted, and values outside a ``Literal[...]`` annotation (the
+    one place the allowed values are written down).
+    """
     for path, node in _target_nodes(cfg, ""):
         _check_keys(path, node)
     _check_max_steps(cfg)
     check_out_channels(cfg)
+    _check_training_objective(cfg)
+
+
+def build_samplers(cfg: DictConfig) -> dict[str, Any]:
+    """Every sampler the config names (``sampler``, ``callbacks.fid.sampler``, ``...extra_samplers.ddim50``),
+    built now by its key: a constructor's :class:`ConfigError` names the key it came from."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from diffusion_lab.samplers.base import Sampler
+
+    samplers = {}
+    for path, node in _target_nodes(cfg, ""):
+        target = get_object(node["_target_"])
+        if not (inspect.isclass(target) and issubclass(target, Sampler)):
+            continue
+        try:
+            samplers[path] = instantiate(node)
+        except (ConfigError, InstantiationException) as error:
+            cause = error if isinstance(error, ConfigError) else error.__cause__
+            if not isinstance(cause, ConfigError):
+                raise
+            raise cause.at(path) from None
+    return samplers
+
+
+def check_samplers(samplers: dict[str, Any], diffusion: Any) -> None:
+    """Each sampler against the model it will sample (num_steps <= T, a learned variance where one is asked for)."""
+    for path, sampler in samplers.items():
+        try:
+            sampler.check(diffusion)
+        except ConfigError as error:
+            raise error.at(path) from None
+
+
+def _check_training_objective(cfg: DictConfig) -> None:
+    """diffusion-lab-train only (its config has a trainer): a learned variance needs a loss that trains it."""
+    if OmegaConf.select(cfg, "trainer._target_", default=None) is None:
+        return
+    if (OmegaConf.select(cfg, "diffusion.variance", default=None) == "learned_range"
+            and OmegaConf.select(cfg, "diffusion.loss", default="simple") == "simple"):
+        raise ConfigError(LEARNED_SIMPLE_MESSAGE)
 
 
 def _check_max_steps(cfg: DictConfig) -> None:
@@ -147,7 +177,9 @@ def _check_types(path: str, node: DictConfig, target: Any) -> None:
     """A value given as text where the target's signature wants a number or a bool (``trainer.max_steps=abc``)
     fails here, naming the key and the type, instead of deep inside the library."""
     try:
-        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+        # a dataclass's fields resolve in the module of the class that declares each one (inherited fields too)
+        hints = typing.get_type_hints(target if dataclasses.is_dataclass(target) else
+                                      target.__init__ if inspect.isclass(target) else target)
     except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check
         return
     for key in node.keys():
@@ -155,12 +187,27 @@ def _check_types(path: str, node: DictConfig, target: Any) -> None:
         child = node._get_node(key)
         if key in _HYDRA_KEYS or key not in hints or child is None or child._is_missing() or child._is_interpolation():
             continue
-        wanted = _scalar_types(hints[key])
         value = node[key]
+        choices = _literal_values(hints[key])
+        if choices is not None:
+            if value not in choices:
+                raise ConfigError(f"{path}.{key}={value!r} is not allowed; allowed values: {', '.join(map(str, choices))}")
+            continue
+        wanted = _scalar_types(hints[key])
         if not wanted or str in wanted or not isinstance(value, str):
             continue
         names = " or ".join(dict.fromkeys(_TYPE_NAMES[t] for t in wanted))
         raise ConfigError(f"{path}.{key}={value!r} is not {names}; write e.g. {path}.{key}={_example(wanted)}")
+
+
+def _literal_values(annotation: Any) -> tuple[Any, ...] | None:
+    """('a', 'b') for ``Literal['a', 'b']`` (None allowed too for ``Literal[...] | None``); None for anything else."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    literals = [a for a in args if typing.get_origin(a) is typing.Literal]
+    if not literals or len(literals) + (type(None) in args) != len(args):
+        return None
+    values = tuple(v for lit in literals for v in typing.get_args(lit))
+    return values + ((None,) if type(None) in args else ())
 
 
 def _scalar_types(annotation: Any) -> tuple[type, ...]:

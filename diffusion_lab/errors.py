@@ -12,6 +12,8 @@ still finds it through ``__cause__``.
 
 from __future__ import annotations
 
+import re
+
 
 class UserError(Exception):
     """A problem with the user's input; the message names the problem and the fix."""
@@ -19,6 +21,13 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config key or value (or a constructor argument) that cannot work; the message names the key and the fix."""
+
+    def at(self, where: str) -> "ConfigError":
+        """The same error placed in the config: ``num_steps=0: ...`` at ``callbacks.fid.sampler`` becomes
+        ``callbacks.fid.sampler.num_steps=0: ...`` (a message that does not start with a key gets ``where: ``)."""
+        message = str(self)
+        key = re.match(r"[A-Za-z_][A-Za-z0-9_]*=", message)
+        return type(self)(f"{where}.{message}" if key else f"{where}: {message}")
 
 
 class CheckpointError(UserError, ValueError):

@@ -15,10 +15,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.config import ConfigError, validate_config
+from diffusion_lab.config import build_samplers, check_samplers, validate_config
 from diffusion_lab.cli.guard import main_guard
 from diffusion_lab.metrics.gate import QualityGateError
-from diffusion_lab.samplers.base import Sampler
 from diffusion_lab.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files
 from diffusion_lab.training.checkpoints import check_resume_compatible, load_checkpoint, resolve_ckpt_path
 from diffusion_lab.training.resume import FinalCheckpoint, ResumeLearningRate
@@ -81,15 +80,17 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
 
     datamodule = instantiate(cfg.data)
     diffusion = instantiate(cfg.diffusion)
+    # every sampler of the config (the root one, the callbacks' own), against this process: a bad num_steps,
+    # spacing or variance fails now, not at the first sample grid or after training
+    check_samplers(build_samplers(cfg), diffusion)
     sampler = instantiate(cfg.sampler)
-    sampler.visited(diffusion)  # a bad num_steps/spacing fails now, not at the first sample grid
     # Objects go in through a partial: instantiate() would turn a dataclass kwarg into a DictConfig.
     module = instantiate(cfg.model, _partial_=True)(diffusion=diffusion, sampler=sampler)
     module.run_config = resolved
     datamodule.check_model(module.net)
 
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, output_dir)
-    callbacks = _instantiate_callbacks(cfg, diffusion)
+    callbacks = _instantiate_callbacks(cfg)
     if ckpt_path:
         callbacks += _resume_checks(ckpt_path, module, resolved)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -122,29 +123,15 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def _instantiate_callbacks(cfg: DictConfig, diffusion: Any) -> list[L.Callback]:
+def _instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The ``callbacks`` group; with ``callbacks.fid=null`` a checkpoint that monitors a val/ metric is left out too.
-
-    The sampling callbacks' own samplers are checked against the process now (a bad num_steps or spacing of
-    ``callbacks.fid.sampler`` would otherwise fail at the first evaluation, or after training).
-    """
+    (Their samplers were checked against the process at start-up: config.build_samplers / check_samplers.)"""
     configs = {name: c for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
     if "fid" not in configs:
         for name in [n for n, c in configs.items() if str(c.get("monitor") or "").startswith("val/")]:
             log.info("callbacks.%s is off: it monitors %s, which only callbacks.fid logs", name, configs[name].monitor)
             del configs[name]
-    callbacks = {name: instantiate(c) for name, c in configs.items()}
-    for name, callback in callbacks.items():
-        samplers = {"sampler": getattr(callback, "sampler", None)}
-        extra = getattr(callback, "extra_samplers", None) or {}
-        samplers.update({f"extra_samplers.{k}": v for k, v in extra.items()})
-        for where, sampler in samplers.items():
-            if isinstance(sampler, Sampler):
-                try:
-                    sampler.visited(diffusion)
-                except ValueError as error:
-                    raise ConfigError(f"callbacks.{name}.{where}: {error}") from error
-    return list(callbacks.values())
+    return [instantiate(c) for c in configs.values()]
 
 
 def _resume_checks(ckpt_path: str, module: L.LightningModule, resolved: dict) -> list[L.Callback]:

@@ -14,7 +14,7 @@ Two ways to feed the training loop:
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -25,6 +25,9 @@ from torchvision.transforms import v2 as T
 from diffusion_lab.data.sampler import ResumableDataLoader
 from diffusion_lab.data.sources import DataError, TensorImages
 
+Channels = Literal[1, 3]  # grey or RGB
+CHANNELS: tuple[int, ...] = get_args(Channels)
+
 
 class ImageTransform:
     """PIL image, uint8 tensor or [0, 1] float tensor -> float tensor (channels, size, size) in [-1, 1].
@@ -33,9 +36,11 @@ class ImageTransform:
     random flip and the scaling, and ``finish_batch`` does the same two steps on a whole batch at once.
     """
 
-    def __init__(self, image_size: int, channels: int, hflip: bool = False, center_crop: bool = True) -> None:
-        if channels not in (1, 3):
-            raise DataError(f"data.channels={channels} is not supported; allowed: 1, 3")
+    def __init__(self, image_size: int, channels: Channels, hflip: bool = False, center_crop: bool = True) -> None:
+        if channels not in CHANNELS:
+            raise DataError(f"data.channels={channels!r} is not allowed; allowed values: {', '.join(map(str, CHANNELS))}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise DataError(f"data.image_size={image_size!r}: needs a positive whole number of pixels, e.g. 32")
         self.image_size, self.channels, self.hflip, self.center_crop = image_size, channels, hflip, center_crop
         ops: list[Any] = []
         if center_crop:
@@ -167,7 +172,7 @@ class DiffusionDataModule(L.LightningDataModule):
         source: Any,
         name: str = "data",
         image_size: int = 32,
-        channels: int = 3,
+        channels: Channels = 3,
         batch_size: int = 128,
         num_workers: int = 0,
         hflip: bool = False,

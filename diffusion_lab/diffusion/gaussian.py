@@ -14,19 +14,29 @@ each lookup is cast to the dtype of the tensor it multiplies, as the original co
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lab.diffusion.likelihood import LOG2, discretized_gaussian_log_likelihood, mean_over_dims, normal_kl
-from diffusion_lab.diffusion.schedules import make_betas
+from diffusion_lab.diffusion.schedules import Schedule, make_betas
+from diffusion_lab.errors import ConfigError
 
-PREDICTION_TYPES = ("eps", "x0", "v")
-LOSS_WEIGHTINGS = ("none", "min_snr")
-VARIANCES = ("fixed_large", "fixed_small", "learned_range")
-LOSSES = ("simple", "vlb", "hybrid")
+# The allowed values, once: the constructors' annotations; the config check reads them from the signatures.
+PredictionType = Literal["eps", "x0", "v"]
+LossWeighting = Literal["none", "min_snr"]
+Variance = Literal["fixed_large", "fixed_small", "learned_range"]
+Loss = Literal["simple", "vlb", "hybrid"]
+PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
+LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
+VARIANCES: tuple[str, ...] = get_args(Variance)
+LOSSES: tuple[str, ...] = get_args(Loss)
+# Training only (a sampling-only object of a learned-variance model may keep the default loss): the config check of
+# diffusion-lab-train refuses the pair at start-up with this message, and the loss itself if it gets that far.
+LEARNED_SIMPLE_MESSAGE = ("diffusion.variance=learned_range needs a loss that trains the variance: L_simple gives it "
+                          "no gradient; use diffusion.loss=hybrid (Improved DDPM) or diffusion.loss=vlb")
 # Improved DDPM's lambda for L_hybrid = L_simple + lambda L_vlb (section 3.1).
 HYBRID_LAMBDA = 0.001
 
@@ -44,41 +54,40 @@ class GaussianDiffusion(nn.Module):
     def __init__(
         self,
         num_timesteps: int = 1000,
-        schedule: str = "linear",
+        schedule: Schedule = "linear",
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         cosine_s: float = 0.008,
         max_beta: float = 0.999,
         zero_terminal_snr: bool = False,
-        prediction_type: str = "eps",
-        loss_weighting: str = "none",
+        prediction_type: PredictionType = "eps",
+        loss_weighting: LossWeighting = "none",
         min_snr_gamma: float = 5.0,
-        variance: str = "fixed_large",
-        loss: str = "simple",
+        variance: Variance = "fixed_large",
+        loss: Loss = "simple",
         quantization_levels: int = 256,
     ) -> None:
         super().__init__()
-        if variance not in VARIANCES:
-            raise ValueError(f"unknown diffusion.variance {variance!r}; allowed: {', '.join(VARIANCES)}")
-        if loss not in LOSSES:
-            raise ValueError(f"unknown diffusion.loss {loss!r}; allowed: {', '.join(LOSSES)}")
+        for key, value, allowed in (("variance", variance, VARIANCES), ("loss", loss, LOSSES),
+                                    ("prediction_type", prediction_type, PREDICTION_TYPES),
+                                    ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)):
+            if value not in allowed:
+                raise ConfigError(f"diffusion.{key}={value!r} is not allowed; allowed values: {', '.join(allowed)}")
         if loss == "hybrid" and variance != "learned_range":
-            raise ValueError("diffusion.loss=hybrid trains only the variance through L_vlb (the mean is stop-"
-                             "gradiented), so it needs diffusion.variance=learned_range; with a fixed variance use "
-                             "diffusion.loss=simple or vlb")
-        if quantization_levels < 2:
-            raise ValueError(f"diffusion.quantization_levels must be >= 2 (256 for 8-bit images), got "
-                             f"{quantization_levels}")
-        self.variance, self.loss_type, self.quantization_levels = variance, loss, quantization_levels
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction_type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
-        if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"unknown loss_weighting {loss_weighting!r}; allowed: {', '.join(LOSS_WEIGHTINGS)}")
+            raise ConfigError("diffusion.loss=hybrid trains only the variance through L_vlb (the mean is stop-"
+                              "gradiented), so it needs diffusion.variance=learned_range; with a fixed variance use "
+                              "diffusion.loss=simple or vlb")
+        if isinstance(quantization_levels, bool) or not isinstance(quantization_levels, int) or quantization_levels < 2:
+            raise ConfigError(f"diffusion.quantization_levels={quantization_levels!r}: needs an integer >= 2 (256 for "
+                              "8-bit images, 17 for the digits)")
         if zero_terminal_snr and prediction_type == "eps":
-            raise ValueError(
+            raise ConfigError(
                 "zero_terminal_snr=true with prediction_type=eps cannot recover x0 at the last step "
                 "(alpha_bar_T = 0); use prediction_type=v (Lin et al. 2023, section 3.2)"
             )
+        if not min_snr_gamma > 0:
+            raise ConfigError(f"diffusion.min_snr_gamma={min_snr_gamma}: needs a positive number (5 in Hang et al. 2023)")
+        self.variance, self.loss_type, self.quantization_levels = variance, loss, quantization_levels
         self.num_timesteps = num_timesteps
         self.schedule, self.beta_start, self.beta_end = schedule, beta_start, beta_end
         self.zero_terminal_snr = zero_terminal_snr
@@ -211,9 +220,10 @@ class GaussianDiffusion(nn.Module):
             return extract(self.posterior_log_variance_clipped, t, like)
         if variance == "learned_range":
             if v is None:
-                raise ValueError("variance=learned_range needs the network's v channels (a 2C-channel output)")
+                raise ConfigError("variance=learned_range needs a learned-variance model (2C output channels); this model "
+                                  f"has a fixed variance: use variance={self.variance}")
             return interpolate_log_variance(v, extract(self.log_betas, t, like), extract(self.posterior_log_variance_clipped, t, like))
-        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
+        raise ConfigError(f"variance={variance!r} is not allowed; allowed values: {', '.join(VARIANCES)}")
 
     def p_mean_variance(
         self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_x0: bool = False, variance: str | None = None
@@ -302,8 +312,7 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"the network returned shape {tuple(output.shape)} for input {tuple(x0.shape)}")
         mean_part, v = self.split_output(output, x_t)
         if v is not None and self.loss_type == "simple":  # checked here: sampling-only objects may say "simple"
-            raise ValueError("diffusion.variance=learned_range needs a loss that trains the variance: L_simple gives "
-                             "it no gradient; use diffusion.loss=hybrid (Improved DDPM) or diffusion.loss=vlb")
+            raise ConfigError(LEARNED_SIMPLE_MESSAGE)
         if self.loss_type == "vlb":
             return self.num_timesteps * self.vb_terms(output.float(), x0, x_t, t), t
         target = self.training_target(x0, t, noise)

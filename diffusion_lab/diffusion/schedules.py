@@ -11,10 +11,14 @@ registered buffers. Formulas follow the code bases that introduced them:
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
-SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
+from diffusion_lab.errors import ConfigError
+
+Schedule = Literal["linear", "cosine", "quadratic", "sigmoid"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -66,8 +70,9 @@ def make_betas(
     zero_terminal_snr: bool = False,
 ) -> torch.Tensor:
     """The betas of a named schedule, optionally rescaled to zero terminal SNR."""
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+        raise ConfigError(f"diffusion.num_timesteps={num_timesteps!r}: the process needs a whole number of steps >= 1 "
+                          "(1000 in DDPM)")
     if schedule == "linear":
         betas = linear_betas(num_timesteps, beta_start, beta_end)
     elif schedule == "quadratic":
@@ -77,9 +82,10 @@ def make_betas(
     elif schedule == "cosine":
         betas = cosine_betas(num_timesteps, cosine_s, max_beta)
     else:
-        raise ValueError(f"unknown beta schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        raise ConfigError(f"diffusion.schedule={schedule!r} is not allowed; allowed values: {', '.join(SCHEDULES)}")
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     if not (betas > 0).all() or not (betas <= 1).all():
-        raise ValueError(f"schedule {schedule!r} gives betas outside (0, 1]; check beta_start/beta_end")
+        raise ConfigError(f"diffusion.schedule={schedule!r} with beta_start={beta_start}, beta_end={beta_end} gives "
+                          "betas outside (0, 1]; use 0 < beta_start <= beta_end <= 1 (DDPM: 1e-4 and 0.02)")
     return betas

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_lab.errors import ConfigError
+
 
 @dataclass
 class UNetConfig:
@@ -38,24 +40,24 @@ class UNetConfig:
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
         levels = len(self.ch_mult)
         if levels < 1:
-            raise ValueError("model.net.ch_mult must name at least one resolution")
+            raise ConfigError("model.net.ch_mult must name at least one resolution")
         if self.image_size % (2 ** (levels - 1)):
-            raise ValueError(
+            raise ConfigError(
                 f"model.net.image_size={self.image_size} cannot be halved {levels - 1} times "
                 f"(len(ch_mult)={levels}); use an image size divisible by {2 ** (levels - 1)} or fewer levels"
             )
         resolutions = self.resolutions
         bad = [r for r in self.attn_resolutions if r not in resolutions]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"model.net.attn_resolutions={list(self.attn_resolutions)} includes {bad}, which this network never "
                 f"visits; allowed: {list(resolutions)}"
             )
         if self.downsample_padding not in (0, 1):
-            raise ValueError(f"model.net.downsample_padding must be 0 or 1, got {self.downsample_padding}")
+            raise ConfigError(f"model.net.downsample_padding must be 0 or 1, got {self.downsample_padding}")
         for width in [self.ch * m for m in self.ch_mult]:
             if width % self.norm_groups or width % self.num_heads:
-                raise ValueError(
+                raise ConfigError(
                     f"channel width {width} (model.net.ch * ch_mult) must be divisible by norm_groups="
                     f"{self.norm_groups} and num_heads={self.num_heads}"
                 )

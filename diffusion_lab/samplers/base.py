@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.samplers.noise import Noise
-from diffusion_lab.samplers.timesteps import timesteps
+from diffusion_lab.samplers.timesteps import SPACINGS, Spacing, timesteps
 
 NetFn = Callable[[Tensor, Tensor], Tensor]
 NoiseFn = Callable[[], Tensor]
@@ -22,14 +23,30 @@ class Sampler:
 
     Subclasses implement :meth:`step` (one move from ``t`` to the previous visited timestep ``t_prev``,
     -1 after the last) or override :meth:`run` when a step needs more than the current state.
+
+    A bad field fails in the constructor (:class:`ConfigError`); what depends on the model (num_steps <= T, a
+    learned variance) fails in :meth:`check`, which every command calls at start-up for every sampler it will use.
+    A subclass with its own ``__post_init__`` calls ``super().__post_init__()``.
     """
 
     num_steps: int | None = None  # None: every one of the T training timesteps
-    spacing: str = "uniform"
+    spacing: Spacing = "uniform"
     clip_denoised: bool = True
     progress: bool = False
 
     name = "base"
+
+    def __post_init__(self) -> None:
+        steps = self.num_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ConfigError(f"num_steps={steps!r}: use a whole number of steps >= 1 (e.g. num_steps=50), "
+                              "or null for all T timesteps")
+        if self.spacing not in SPACINGS:
+            raise ConfigError(f"spacing={self.spacing!r} is not allowed; allowed values: {', '.join(SPACINGS)}")
+
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        """Raise :class:`ConfigError` when this sampler cannot sample a model of ``diffusion`` (before any work)."""
+        self.visited(diffusion)
 
     def config(self) -> dict:
         """The record logged with every result: the name and every field but the progress switch."""

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.samplers.base import NetFn, NoiseFn, Sampler
 
 
@@ -26,8 +27,9 @@ class DDIMSampler(Sampler):
     name = "ddim"
 
     def __post_init__(self) -> None:
-        if self.eta < 0:
-            raise ValueError(f"sampler.eta must be >= 0, got {self.eta}")
+        super().__post_init__()
+        if not self.eta >= 0:  # also NaN
+            raise ConfigError(f"eta={self.eta}: eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
 
     def step(
         self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, t: int, t_prev: int, noise: NoiseFn

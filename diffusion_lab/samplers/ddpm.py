@@ -7,7 +7,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion.gaussian import VARIANCES, GaussianDiffusion, interpolate_log_variance
+from diffusion_lab.diffusion.gaussian import VARIANCES, GaussianDiffusion, Variance, interpolate_log_variance
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.samplers.base import NetFn, NoiseFn, Sampler
 
 
@@ -24,12 +25,23 @@ class DDPMSampler(Sampler):
     ``respace.py`` does (and diffusers' DDPMScheduler with variance_type="learned_range").
     """
 
-    variance: str = "fixed_large"
+    variance: Variance = "fixed_large"
     name = "ddpm"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.variance not in VARIANCES:
-            raise ValueError(f"unknown sampler.variance {self.variance!r}; allowed: {', '.join(VARIANCES)}")
+            raise ConfigError(f"variance={self.variance!r} is not allowed; allowed values: {', '.join(VARIANCES)}")
+
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        super().check(diffusion)
+        if self.variance == "learned_range" and diffusion.variance != "learned_range":
+            raise ConfigError(self._fixed_model_message(diffusion))
+
+    @staticmethod
+    def _fixed_model_message(diffusion: GaussianDiffusion) -> str:
+        return ("variance=learned_range needs a learned-variance model (diffusion.variance=learned_range, "
+                f"2C output channels); this one has a fixed variance: use variance={diffusion.variance}")
 
     def step(
         self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, t: int, t_prev: int, noise: NoiseFn
@@ -53,8 +65,6 @@ class DDPMSampler(Sampler):
             return mean + beta_tilde.sqrt() * noise()
         v = diffusion.split_output(output, x)[1]
         if v is None:
-            raise ValueError("sampler.variance=learned_range needs a learned-variance model (diffusion.variance="
-                             "learned_range, 2C output channels); this one has a fixed variance: use "
-                             f"sampler.variance={diffusion.variance}")
+            raise ConfigError(self._fixed_model_message(diffusion))
         log_var = interpolate_log_variance(v, beta.log(), beta_tilde.log())
         return mean + torch.exp(0.5 * log_var) * noise()

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.samplers.base import NetFn, NoiseFn, Sampler
+from diffusion_lab.samplers.timesteps import Spacing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +26,7 @@ class DPMSolverSampler(Sampler):
     """
 
     num_steps: int | None = 20
-    spacing: str = "logsnr"
+    spacing: Spacing = "logsnr"
     clip_denoised: bool = False  # the ODE solver as published; True clips each x0 prediction to [-1, 1]
     name = "dpm_solver"
 

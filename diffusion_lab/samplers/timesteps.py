@@ -13,11 +13,16 @@ true number of network evaluations, and that is what results report.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import numpy as np
 from torch import Tensor
 
-SPACINGS = ("uniform", "leading", "quadratic", "trailing", "linspace", "logsnr")
+from diffusion_lab.errors import ConfigError
+
+# The one list of spacings: samplers annotate their field with it and the config check reads it from there.
+Spacing = Literal["uniform", "leading", "quadratic", "trailing", "linspace", "logsnr"]
+SPACINGS: tuple[str, ...] = get_args(Spacing)
 
 
 def timesteps(
@@ -34,11 +39,11 @@ def timesteps(
     """
     T, S = int(num_train_timesteps), int(num_steps)
     if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+        raise ConfigError(f"spacing={spacing!r} is not allowed; allowed values: {', '.join(SPACINGS)}")
     if S < 1:
-        raise ValueError(f"num_steps must be >= 1, got {S}")
+        raise ConfigError(f"num_steps={S}: a sampler needs at least one step; use num_steps between 1 and {T}")
     if S > T:
-        raise ValueError(f"num_steps={S} exceeds the {T} timesteps the model was trained with; use num_steps <= {T}")
+        raise ConfigError(f"num_steps={S} exceeds the {T} timesteps the model was trained with; use num_steps <= {T}")
     if spacing in ("uniform", "leading"):
         steps = np.arange(0, T, T // S)[:S]
     elif spacing == "quadratic":

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
-from diffusion_lab.errors import UserError
+from diffusion_lab.errors import ConfigError, UserError
 from diffusion_lab.samplers.base import Sampler
 from diffusion_lab.training.rng import rng_state, set_rng_state
 
@@ -105,7 +105,8 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
+            raise ConfigError(f"model.ema_decay={ema_decay}: the EMA decay must be in [0, 1) (0.9999 in DDPM; 0.999 "
+                              "for short runs)")
         self.net, self.diffusion, self.sampler = net, diffusion, sampler
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.ema_decay, self.ema_start_step = ema_decay, ema_start_step
@@ -234,7 +235,7 @@ class DiffusionModule(L.LightningModule):
         """Draw ``num_images`` images in [-1, 1] with the EMA weights (or the raw ones with ``use_ema=False``)."""
         sampler = sampler or self.sampler
         if sampler is None:
-            raise ValueError("no sampler configured: pass sampler=... or set the `sampler` config group")
+            raise ConfigError("no sampler configured: pass sampler=... or set the `sampler` config group")
         net = self.ema_net if use_ema else self.net
         was_training = net.training
         net.eval()

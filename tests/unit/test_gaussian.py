@@ -103,7 +103,7 @@ def test_min_snr_weights():
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="allowed: eps, x0, v"):
+    with pytest.raises(ValueError, match="allowed values: eps, x0, v"):
         GaussianDiffusion(prediction_type="noise")
     with pytest.raises(ValueError, match="prediction_type=v"):
         GaussianDiffusion(zero_terminal_snr=True, prediction_type="eps")

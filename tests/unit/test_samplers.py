@@ -37,7 +37,7 @@ def test_spacings():
 def test_spacing_edges_are_refused_clearly():
     with pytest.raises(ValueError, match="exceeds the 1000 timesteps"):
         timesteps(1000, 1001)
-    with pytest.raises(ValueError, match="allowed: uniform, leading, quadratic, trailing, linspace, logsnr"):
+    with pytest.raises(ValueError, match="allowed values: uniform, leading, quadratic, trailing, linspace, logsnr"):
         timesteps(1000, 10, "even")
 
 

@@ -51,5 +51,5 @@ def test_zero_terminal_snr_rescale():
 
 
 def test_unknown_schedule_names_the_choices():
-    with pytest.raises(ValueError, match="allowed: linear, cosine, quadratic, sigmoid"):
+    with pytest.raises(ValueError, match="allowed values: linear, cosine, quadratic, sigmoid"):
         make_betas("cosin", 10)

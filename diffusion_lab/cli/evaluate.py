@@ -12,12 +12,14 @@ left and broadcasts it).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import torch
@@ -25,13 +27,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
-from diffusion_lab.cli.common import require_positive, writable_dir
+from diffusion_lab.cli.common import configure_threads, require_positive, writable_dir
+from diffusion_lab.config import validate_config
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.cli.guard import main_guard
 from diffusion_lab.loading import LoadedModel, load_model, sampling_net
 from diffusion_lab.metrics.evaluate import evaluate, library_versions
 from diffusion_lab.metrics.extractors import make_extractor
 from diffusion_lab.metrics.fidelity import MetricsConfig
-from diffusion_lab.metrics.likelihood import append_markdown, nll_cell
+from diffusion_lab.metrics.likelihood import append_markdown, check_nll_config, nll_cell
 from diffusion_lab.metrics.reference import get_reference
 from diffusion_lab.reports.fid_report import log_to_wandb, write_report
 from diffusion_lab.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
@@ -45,19 +50,63 @@ log = logging.getLogger(__name__)
 RESUME_KEYS = ("checkpoint", "data", "extractor", "num_samples", "seed", "metrics_config", "precision")
 
 
-def grid(cfg: DictConfig, T: int) -> list[Sampler]:
+# The grid's rows (conf/eval.yaml); a row not listed here would be ignored, so it is refused instead.
+GRID_ROWS = ("ddim_eta", "ddim_steps", "ddim_clip_denoised", "ddpm_variance", "ddpm_steps", "full_steps",
+             "dpm_solver_steps", "dpm_solver_clip_denoised")
+
+
+def grid(cfg: DictConfig, diffusion: GaussianDiffusion | None = None) -> list[Sampler]:
+    """The grid's cells (DDIM's Table 1 rows x steps), each built and, given the model's ``diffusion``, checked
+    against it; a bad row or value is a :class:`ConfigError` naming the ``grid.<row>`` it came from."""
     g, spacing = cfg.grid, cfg.spacing
-    cells: list[Sampler] = []
-    full = [T] if g.get("full_steps") else []
+    unknown = [str(k) for k in g if str(k) not in GRID_ROWS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], GRID_ROWS, n=1)
+        raise ConfigError(f"unknown grid row grid.{unknown[0]}{f' (did you mean grid.{close[0]}?)' if close else ''}; "
+                          f"the rows are: {', '.join(GRID_ROWS)}")
+    T = diffusion.num_timesteps if diffusion is not None else None
+    full = [None] if g.get("full_steps") else []  # num_steps=None: all T steps
+    cells: list[tuple[str, Callable[[], Sampler]]] = []
     for eta in g.get("ddim_eta") or []:
-        steps = list(g.ddim_steps) + (full if eta == 0.0 else [])
-        cells += [DDIMSampler(num_steps=s, eta=float(eta), spacing=spacing,
-                              clip_denoised=bool(g.get("ddim_clip_denoised", False))) for s in steps]
+        for s in list(g.get("ddim_steps") or []) + (full if eta == 0.0 else []):
+            cells.append(("ddim_steps", lambda s=s, eta=eta: DDIMSampler(
+                num_steps=s, eta=float(eta), spacing=spacing, clip_denoised=bool(g.get("ddim_clip_denoised", False)))))
     for variance in g.get("ddpm_variance") or []:
-        cells += [DDPMSampler(num_steps=s, variance=variance, spacing=spacing) for s in list(g.ddpm_steps) + full]
-    cells += [DPMSolverSampler(num_steps=s, clip_denoised=bool(g.get("dpm_solver_clip_denoised", True)))
-              for s in g.get("dpm_solver_steps") or []]
-    return cells
+        for s in list(g.get("ddpm_steps") or []) + full:
+            cells.append(("ddpm_variance", lambda s=s, v=variance: DDPMSampler(num_steps=s, variance=v, spacing=spacing)))
+    for s in g.get("dpm_solver_steps") or []:
+        cells.append(("dpm_solver_steps", lambda s=s: DPMSolverSampler(
+            num_steps=s, clip_denoised=bool(g.get("dpm_solver_clip_denoised", True)))))
+    samplers = []
+    for row, build in cells:
+        try:
+            sampler = build()
+            if diffusion is not None:
+                sampler.check(diffusion)
+        except ConfigError as error:
+            raise ConfigError(f"grid.{row}: {error}") from None
+        samplers.append(sampler)
+    if T is not None:  # S = T spelled out, as before (the report keys cells by their config)
+        samplers = [dataclasses.replace(s, num_steps=T) if s.num_steps is None else s for s in samplers]
+    if not samplers and not cfg.nll.enabled:
+        raise ConfigError("the evaluation grid is empty (every row is [] or has no steps), so there is nothing to "
+                          "evaluate; give a row, e.g. grid.ddim_eta=[0.0] grid.ddim_steps=[50], or nll.enabled=true "
+                          "for the bound alone")
+    return samplers
+
+
+def check_data_matches_model(cfg: DictConfig, net: Any, source: str) -> None:
+    """The reference set (and the nll cell's images) are built at data.channels x data.image_size; a model drawing
+    images of another shape would be scored against a set it never saw, so it is refused before any work."""
+    config = getattr(net, "config", None)
+    want = (getattr(config, "in_channels", None), getattr(config, "image_size", None))
+    have = (cfg.data.get("channels"), cfg.data.get("image_size"))
+    if None in want or None in have or tuple(map(int, have)) == tuple(map(int, want)):
+        return
+    raise ConfigError(
+        f"{source} draws {want[0]}x{want[1]}x{want[1]} images but data={cfg.data.name} gives {have[0]}x{have[1]}x"
+        f"{have[1]} (data.channels, data.image_size), so the reference statistics would be of other images; set "
+        f"data.image_size={want[1]} data.channels={want[0]} (or choose the data set the model was trained on)")
 
 
 def resolve_extractor(cfg: DictConfig) -> str:
@@ -133,14 +182,26 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     evaluating = cfg.ckpt is not None and not cfg.build_reference
     fabric = make_fabric(cfg)
     rank0 = fabric.is_global_zero
+    if fabric.world_size == 1:  # N processes on one CPU: Fabric/torch divide the cores among them
+        threads = configure_threads()
+        if rank0:
+            log.info(threads)
 
-    # 1. the model, first: a bad ckpt fails in a second, before any reference statistics are built
+    # 1. every input, then the model: a bad value or ckpt fails in a second, before any reference statistics are
+    # built (on every rank, so that no rank waits for one that failed)
+    validate_config(cfg)
     model = None
     metrics = MetricsConfig(**cfg.metrics)
     if evaluating:
         require_positive("num_samples", cfg.num_samples)
-        metrics.check(cfg.num_samples)  # on every rank, so that no rank waits for one that failed
+        require_positive("batch_size", cfg.batch_size)
+        metrics.check(cfg.num_samples)
+        grid(cfg)  # the values alone, before the checkpoint is read
         model = load_model(cfg.ckpt, cfg.use_ema, fabric.device)
+        cells = grid(cfg, model.diffusion)  # and against the model (num_steps <= T)
+        check_data_matches_model(cfg, model.net, f"ckpt={cfg.ckpt}")
+        if cfg.nll.enabled:
+            check_nll_config(cfg.nll, model.diffusion, cfg.data)
         net = sampling_net(model.net, cfg.precision, cfg.compile)
         out = Path(cfg.out) if cfg.out else (model.path.resolve().parent.parent / "eval")
         if rank0:
@@ -173,7 +234,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             "devices": device_record(fabric, cfg.fabric.num_nodes, str(cfg.precision), cfg.compile)}
     report = fabric.broadcast(load_previous(out, meta) if rank0 else None, src=0)
     done = {json.dumps(c["sampler"], sort_keys=True) for c in report["cells"]}
-    todo = [s for s in grid(cfg, model.diffusion.num_timesteps) if json.dumps(s.config(), sort_keys=True) not in done]
+    todo = [s for s in cells if json.dumps(s.config(), sort_keys=True) not in done]
 
     # 4. the grid, one cell at a time; rank 0 saves after each, so a crash loses at most the cell in flight
     eta = ETA(todo, model, cfg.num_samples, fabric.world_size, verbose=rank0)

@@ -46,15 +46,20 @@ def main_guard(entry: Callable[..., Any]) -> Callable[..., Any]:
             return entry(*args, **kwargs)
         saved = {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", _GUARD_ACTIVE)}
         os.environ["HYDRA_FULL_ERROR"] = os.environ[_GUARD_ACTIVE] = "1"
+        stderr = sys.stderr
+        held = sys.stderr = _HoldHydraJobLine(stderr)
         try:
             return entry(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - only user errors are turned into a message; the rest re-raise
+            sys.stderr = stderr
             message = describe_user_error(error)
             if message is None:
+                held.release()  # a bug: Hydra's line and the traceback, as without the guard
                 raise
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
         finally:
+            sys.stderr = stderr
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -62,6 +67,30 @@ def main_guard(entry: Callable[..., Any]) -> Callable[..., Any]:
                     os.environ[key] = value
 
     return wrapper
+
+
+class _HoldHydraJobLine:
+    """stderr, except Hydra's "Error executing job with overrides: [...]" line (written just before it re-raises
+    the task's exception), which is held back: a user error is then one line, a bug gets it back."""
+
+    PREFIX = "Error executing job with overrides:"
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.held = stream, []
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.PREFIX):
+            self.held.append(text)
+            return len(text)
+        return self.stream.write(text)
+
+    def release(self) -> None:
+        for text in self.held:
+            self.stream.write(text)
+        self.held.clear()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def describe_user_error(error: BaseException) -> str | None:

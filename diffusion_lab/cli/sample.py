@@ -9,12 +9,13 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from rich.progress import Progress
 
-from diffusion_lab.cli.common import require_positive, writable_dir
+from diffusion_lab.cli.common import configure_threads, require_positive, writable_dir
+from diffusion_lab.config import build_samplers, check_samplers, validate_config
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.cli.guard import main_guard
 from diffusion_lab.loading import load_model, sampling_net
 from diffusion_lab.utils.images import save_grid, to_uint8
@@ -23,12 +24,18 @@ log = logging.getLogger(__name__)
 
 
 def sample(cfg: DictConfig) -> Path:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else str(cfg.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: this machine has no CUDA GPU that torch can use; use device=cpu or auto")
+    log.info(configure_threads())
+    # every input before the checkpoint is read, then the sampler against the model, before any sampling
+    validate_config(cfg)
     require_positive("num_images", cfg.num_images)
     require_positive("batch_size", cfg.batch_size)
+    samplers = build_samplers(cfg)
     model = load_model(cfg.ckpt, cfg.use_ema, device)
-    net, diffusion = sampling_net(model.net, cfg.precision, cfg.compile), model.diffusion
-    sampler = instantiate(cfg.sampler)
+    check_samplers(samplers, model.diffusion)
+    net, diffusion, sampler = sampling_net(model.net, cfg.precision, cfg.compile), model.diffusion, samplers["sampler"]
     nfe = len(sampler.visited(diffusion))
     out = Path(cfg.out) if cfg.out else model.path.resolve().parent.parent / "samples" / f"{sampler.name}_{nfe}"
     writable_dir(out / "images", key="out")

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.config import build_samplers, check_samplers, validate_config
+from diffusion_lab.cli.common import configure_threads
 from diffusion_lab.cli.guard import main_guard
 from diffusion_lab.metrics.gate import QualityGateError
 from diffusion_lab.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files
@@ -34,10 +35,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     status = RunStatus(output_dir, _task_overrides(cfg)) if rank_zero_only.rank == 0 else None
+    threads = configure_threads()
     if status:
         status.start()
         log.info("Run folder: %s", output_dir.resolve())
         log.info("Config: %s (resolved in config.yaml)", _config_summary(cfg))
+        log.info(threads)
     try:
         metrics = _train(cfg, output_dir)
     except BaseException as error:

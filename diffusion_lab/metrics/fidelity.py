@@ -48,6 +48,15 @@ class MetricsConfig:
     fid_bootstrap: int = 0  # resamples of the generated features for fid_std; 0: no uncertainty
     rng_seed: int = 2020  # torch-fidelity's default, for IS shuffling, KID subsets and the FID bootstrap
 
+    def __post_init__(self) -> None:
+        minimum = {"isc_splits": 1, "kid_subsets": 1, "kid_subset_size": 2, "prc_neighborhood": 1, "fid_bootstrap": 0}
+        for key, low in minimum.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                # kid_subset_size=0 or 1 would give KID = NaN (an unbiased MMD needs two samples per subset)
+                raise MetricsConfigError(f"metrics.{key}={value!r}: needs a whole number >= {low} (default "
+                                         f"{getattr(type(self), key)})")
+
     @property
     def needs_reference_features(self) -> bool:
         """KID and precision/recall compare against the real features themselves, not only mu and sigma."""

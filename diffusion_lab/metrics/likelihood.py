@@ -146,6 +146,29 @@ def plot_terms(terms_mean: Sequence[float], path: str | Path, title: str = "") -
     return path
 
 
+def check_nll_config(cfg: Any, diffusion: GaussianDiffusion, datamodule_cfg: Any) -> None:
+    """The ``nll:`` block's values, at start-up (the cell runs after the grid): a bad one is a LikelihoodConfigError."""
+    from diffusion_lab.diffusion.gaussian import VARIANCES
+
+    variance = cfg.get("variance")
+    if variance is not None and variance not in VARIANCES:
+        raise LikelihoodConfigError(f"nll.variance={variance!r} is not allowed; allowed values: null (the model's "
+                                    f"own), {', '.join(VARIANCES)}")
+    if variance == "learned_range" and diffusion.variance != "learned_range":
+        raise LikelihoodConfigError("nll.variance=learned_range needs a learned-variance model; this one has "
+                                    f"diffusion.variance={diffusion.variance}: use nll.variance=null")
+    for key in ("num_images", "batch_size", "quantization_levels"):
+        value, low = cfg.get(key), 2 if key == "quantization_levels" else 1
+        if (value is not None or key == "batch_size") and (isinstance(value, bool) or not isinstance(value, int)
+                                                           or value < low):
+            raise LikelihoodConfigError(f"nll.{key}={value!r}: needs a whole number >= {low}"
+                                        f"{' (or null)' if key != 'batch_size' else ''}")
+    source = datamodule_cfg.get("source") or {}
+    if cfg.get("split", "train") != "train" and "split" not in source:
+        raise LikelihoodConfigError(f"nll.split={cfg.split!r}: data {datamodule_cfg.get('name')!r} has only a train "
+                                    "split; use nll.split=train")
+
+
 def nll_cell(net: nn.Module, diffusion: GaussianDiffusion, datamodule: Any, cfg: Any, out: str | Path,
              device: torch.device | str = "cpu", progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """The ``nll`` cell of an evaluation report (``diffusion-lab-eval``'s ``nll:`` block): the bound over

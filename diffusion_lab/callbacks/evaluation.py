@@ -26,11 +26,11 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, SCMode
 
-from diffusion_lab.callbacks.progress import SamplingClock, count_due
+from diffusion_lab.callbacks.schedule import ScheduledCallback, check_count
 from diffusion_lab.metrics.evaluate import gather_in_index_order, generate_features, shard
 from diffusion_lab.metrics.extractors import EXTRACTORS, LAYERS, make_extractor
 from diffusion_lab.metrics.fidelity import MetricsConfig, compute_metrics, extract
-from diffusion_lab.config import ConfigError
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.metrics.gate import check_gate
 from diffusion_lab.metrics.reference import get_reference
 from diffusion_lab.samplers.base import Sampler
@@ -45,7 +45,7 @@ def fid_name(sampler: str = "", extractor: str = "") -> str:
     return "_".join(["val/fid", *(p for p in (sampler, extractor) if p)])
 
 
-class FIDEvaluation(L.Callback):
+class FIDEvaluation(ScheduledCallback):
     def __init__(
         self,
         dataset_name: str,
@@ -65,6 +65,9 @@ class FIDEvaluation(L.Callback):
         gate: dict[str, float] | None = None,
         gate_recipe: dict[str, int] | None = None,
     ) -> None:
+        super().__init__("callbacks.fid", every_n_steps, (), on_train_end)
+        check_count("callbacks.fid.num_samples", num_samples, 1, 10000)
+        check_count("callbacks.fid.batch_size", batch_size, 1, 256)
         bad = [n for n in (extra_samplers or {}) if not str(n).replace("-", "").replace("_", "").isalnum()]
         if bad:
             raise ConfigError(f"callbacks.fid.extra_samplers: names must be letters, digits, - or _ (they name the "
@@ -81,8 +84,8 @@ class FIDEvaluation(L.Callback):
             raise ConfigError(f"callbacks.fid.extra_samplers: {wrong} are not samplers; give each a sampler config "
                               f"with _target_ (e.g. diffusion_lab.samplers.DDIMSampler)")
         self.extra_extractors = [str(e) for e in extra_extractors if str(e) != feature_extractor]
-        self.dataset_name, self.every_n_steps, self.num_samples = dataset_name, every_n_steps, num_samples
-        self.sampler, self.seed, self.batch_size, self.at_train_end = sampler, seed, batch_size, on_train_end
+        self.dataset_name, self.num_samples = dataset_name, num_samples
+        self.sampler, self.seed, self.batch_size = sampler, seed, batch_size
         self.metrics = metrics if isinstance(metrics, MetricsConfig) else MetricsConfig(**(metrics or {}))
         if self.metrics.isc and len(LAYERS[feature_extractor]) < 2:
             raise ConfigError(f"callbacks.fid.feature_extractor={feature_extractor} has no logits for IS; use "
@@ -106,8 +109,6 @@ class FIDEvaluation(L.Callback):
         self.extractor: Any = None
         self.extras: dict[str, tuple[Any, dict]] = {}  # extra extractor name -> (extractor, reference)
         self.history: list[dict[str, float]] = []
-        self.clock = SamplingClock()
-        self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before any training: missing Inception weights or a mismatched reference fail now, not after an hour.
@@ -134,14 +135,11 @@ class FIDEvaluation(L.Callback):
                                       need_features=self.metrics.needs_reference_features)
         return reference
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.run(trainer, pl_module)
+    def fire(self, trainer: L.Trainer, pl_module: L.LightningModule, at_end: bool) -> None:
+        self.run(trainer, pl_module, log=not at_end)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_train_end and trainer.global_step != self._last_step:
-            self.run(trainer, pl_module, log=False)
+        super().on_train_end(trainer, pl_module)
         if trainer.is_global_zero and self.gate:
             run = {"num_samples": self.num_samples, "max_steps": trainer.max_steps}
             other = {k: (v, run[k]) for k, v in self.gate_recipe.items() if run[k] != v}
@@ -149,7 +147,7 @@ class FIDEvaluation(L.Callback):
                 _log.info("quality gate not checked: its bands hold for %s; this run has %s",
                           ", ".join(f"{k}={want}" for k, (want, _) in other.items()),
                           ", ".join(f"{k}={have}" for k, (_, have) in other.items()))
-            elif self._last_step != trainer.global_step:  # the bands are for the final model, not an earlier one
+            elif not self.history or self.history[-1]["step"] != trainer.global_step:  # bands: the final model
                 _log.info("quality gate not checked: no evaluation at the last step (%d); set "
                           "callbacks.fid.on_train_end=true", trainer.global_step)
             else:
@@ -164,14 +162,11 @@ class FIDEvaluation(L.Callback):
                       if label or e]
         return names
 
-    def remaining_evaluations(self, trainer: L.Trainer, pl_module: L.LightningModule, last_step: int) -> int:
-        """Single-image network evaluations this rank will still run after the current step up to ``last_step``."""
-        runs = count_due(self.every_n_steps, (), trainer.global_step, last_step)
-        if self.at_train_end and not (self.every_n_steps > 0 and last_step % self.every_n_steps == 0):
-            runs += 1
+    def evaluations_per_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        """This rank's share of the images, each drawn by the main and every extra sampler."""
         per_rank = len(shard(self.num_samples, trainer.global_rank, trainer.world_size))
         samplers = [self.sampler or pl_module.sampler, *self.extra_samplers.values()]
-        return runs * per_rank * sum(len(s.visited(pl_module.diffusion)) for s in samplers)
+        return per_rank * sum(len(s.visited(pl_module.diffusion)) for s in samplers)
 
     def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, sampler: Sampler) -> dict[str, dict]:
         """{extractor name: scores} of this rank's share of the images drawn by ``sampler``, gathered."""
@@ -196,7 +191,7 @@ class FIDEvaluation(L.Callback):
         return out
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> dict[str, float]:
-        self._last_step = trainer.global_step
+        """One evaluation now (the schedule calls it; so can a script); ``log=False`` where self.log is not allowed."""
         sampler = self.sampler or pl_module.sampler
         start = perf_counter()
         names = {"fid": "val/fid", "is": "val/is", "kid": "val/kid"}

@@ -7,16 +7,20 @@ so the number is the same on 1 process or N. Logged as ``val/bpd`` (and ``val/bp
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
 
+from diffusion_lab.callbacks.schedule import ScheduledCallback, check_count
+from diffusion_lab.diffusion.gaussian import VARIANCES
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.metrics.likelihood import bits_per_dim, dataset_images
 
 
-class BPDEvaluation(L.Callback):
-    """Every ``every_n_steps`` (and at the end): the bound of ``num_images`` images with T network calls each."""
+class BPDEvaluation(ScheduledCallback):
+    """Every ``every_n_steps`` (and at the end): the bound of ``num_images`` images with T network calls each.
+
+    ``enabled=false`` switches it off as a whole (eval.yaml lists it, off, so that one override turns it on).
+    """
 
     def __init__(
         self,
@@ -30,36 +34,50 @@ class BPDEvaluation(L.Callback):
         quantization_levels: int | None = None,
         on_train_end: bool = True,
     ) -> None:
-        self.enabled, self.every_n_steps, self.num_images = enabled, every_n_steps, num_images
+        super().__init__("callbacks.bpd", every_n_steps, (), on_train_end)
+        check_count("callbacks.bpd.num_images", num_images, 1, 256)
+        check_count("callbacks.bpd.batch_size", batch_size, 1, 256)
+        if variance is not None and variance not in VARIANCES:
+            raise ConfigError(f"callbacks.bpd.variance={variance!r}: use one of {', '.join(VARIANCES)}, "
+                              "or null for the model's own")
+        self.enabled, self.num_images = bool(enabled), num_images
         self.seed, self.batch_size, self.variance, self.clip_denoised = seed, batch_size, variance, clip_denoised
-        self.quantization_levels, self.at_train_end = quantization_levels, on_train_end
+        self.quantization_levels = quantization_levels
         self.images: torch.Tensor | None = None
         self.history: list[dict[str, float]] = []
-        self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.enabled:  # a bad num_images fails now, before training
+        if self.enabled:  # a num_images larger than the data set fails now, before training
+            trainer.datamodule.setup("fit")
+            available = len(trainer.datamodule.train_set)
+            if self.num_images > available:
+                raise ConfigError(f"callbacks.bpd.num_images={self.num_images}, but the training set has {available} "
+                                  f"images; choose 1..{available}")
             self.images = dataset_images(trainer.datamodule, "train", self.num_images)
             if self.quantization_levels is None:
                 self.quantization_levels = getattr(trainer.datamodule, "quantization_levels", None)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self.enabled and self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.run(trainer, pl_module)
+    def fire(self, trainer: L.Trainer, pl_module: L.LightningModule, at_end: bool) -> None:
+        self.run(trainer, pl_module, log=not at_end)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.enabled and self.at_train_end and trainer.global_step != self._last_step:
-            self.run(trainer, pl_module, log=False)
+    def evaluations_per_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        """T network calls for each of this rank's images."""
+        return len(self._indices(trainer)) * pl_module.diffusion.num_timesteps
+
+    def _indices(self, trainer: L.Trainer) -> range:
+        """Rank r scores images r, r + W, ..."""
+        return range(trainer.global_rank, self.num_images, trainer.world_size)
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> dict[str, float]:
+        """One evaluation now (the schedule calls it; so can a script); ``log=False`` where self.log is not allowed."""
         assert self.images is not None
-        self._last_step = trainer.global_step
-        rank, world = trainer.global_rank, trainer.world_size
-        indices = list(range(rank, len(self.images), world))
-        result = bits_per_dim(pl_module.ema_net, pl_module.diffusion, self.images[indices], indices, seed=self.seed,
-                              batch_size=self.batch_size, quantization_levels=self.quantization_levels,
-                              variance=self.variance, clip_denoised=self.clip_denoised, device=pl_module.device)
+        world = trainer.world_size
+        indices = list(self._indices(trainer))
+        with self.clock.measure(len(indices) * pl_module.diffusion.num_timesteps):
+            result = bits_per_dim(pl_module.ema_net, pl_module.diffusion, self.images[indices], indices,
+                                  seed=self.seed, batch_size=self.batch_size,
+                                  quantization_levels=self.quantization_levels, variance=self.variance,
+                                  clip_denoised=self.clip_denoised, device=pl_module.device)
         per_image = torch.stack([result.total, result.terms[:, 0]], dim=1)  # (n_rank, 2)
         if world > 1:
             per_image = self._gather(pl_module, per_image)

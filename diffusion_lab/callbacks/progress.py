@@ -7,74 +7,30 @@ one plain line every ``trainer.log_every_n_steps`` steps instead. Either way the
 terminal they carry ``console=False`` and :class:`ConsoleFilter` keeps them off the screen, where the bar
 already shows them.
 
-The ETA is the project's own estimate, not tqdm's: training steps at the rate measured since the first step
-(which includes warm-up and is left out), with the time spent in sampling callbacks (sample grids, FID)
-taken out of that rate and added back as their own budget: each such callback says how many single-image
-network evaluations it will still run (:class:`SamplingCallback`); their cost is what they measured so far,
-or before their first run an estimate of one evaluation as a third of a training image's forward + backward
-pass (backward costs about twice the forward). Checkpoint writes are inside the measured training rate.
+The ETA is the project's own estimate, not tqdm's: :mod:`diffusion_lab.callbacks.eta` computes it from the
+measured step rate and the work the sampling callbacks (sample grids, FID, bits/dim) still have to do; this
+module gathers those numbers from the trainer and draws them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import io
 import logging
 import sys
 from time import perf_counter
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from tqdm import tqdm
 
+from diffusion_lab.callbacks.eta import SamplingWork, TimeLeft, time_left
+from diffusion_lab.callbacks.schedule import ScheduledCallback, check_count
+from diffusion_lab.errors import ConfigError
+
 log = logging.getLogger(__name__)
-
-# One training image costs about this many network evaluations of sampling: forward + backward (~2 forwards).
-TRAIN_STEP_EVALUATIONS_PER_IMAGE = 3
-
-
-def count_due(every_n_steps: int, at_steps: Sequence[int], after: int, until: int) -> int:
-    """How many steps s with ``after < s <= until`` are multiples of ``every_n_steps`` (0: none) or in ``at_steps``."""
-    multiples = (until // every_n_steps - after // every_n_steps) if every_n_steps > 0 and until > after else 0
-    extra = sum(1 for s in set(at_steps) if after < s <= until and not (every_n_steps > 0 and s % every_n_steps == 0))
-    return max(0, multiples) + extra
-
-
-class SamplingClock:
-    """Wall time and single-image network evaluations a sampling callback has spent so far."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.evaluations = 0
-        self.last = 0.0  # seconds of the latest measured run
-
-    @contextlib.contextmanager
-    def measure(self, evaluations: int) -> Iterator[None]:
-        start = perf_counter()
-        try:
-            yield
-        finally:
-            self.last = perf_counter() - start
-            self.seconds += self.last
-            self.evaluations += evaluations
-
-    @property
-    def seconds_per_evaluation(self) -> float | None:
-        return self.seconds / self.evaluations if self.evaluations else None
-
-
-@runtime_checkable
-class SamplingCallback(Protocol):
-    """A callback that samples now and then (``SampleGrid``, ``FIDEvaluation``): the ETA budgets its time."""
-
-    clock: SamplingClock
-
-    def remaining_evaluations(self, trainer: L.Trainer, pl_module: L.LightningModule, last_step: int) -> int:
-        """Single-image network evaluations still to come after the current step, up to ``last_step``."""
-        ...
 
 
 class ConsoleFilter(logging.Filter):
@@ -110,7 +66,7 @@ class StepProgressBar(TQDMProgressBar):
     """Progress over the whole run: ``step 120/3000  4%|▍  | [00:21 elapsed, loss 0.0812, val/fid 10.4, ETA 0:08:15]``.
 
     Args:
-        refresh_rate: redraw the bar every this many steps (terminal only).
+        refresh_rate: redraw the bar every this many steps (terminal only; 0: no bar and no progress lines).
         estimate_after: steps after the first at which to log the estimated run time (0: never).
         tty: draw a bar (True) or write plain lines (False); None: a bar exactly when stdout is a terminal.
     """
@@ -118,6 +74,11 @@ class StepProgressBar(TQDMProgressBar):
     BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| [{elapsed} elapsed{postfix}]"
 
     def __init__(self, refresh_rate: int = 1, estimate_after: int = 20, tty: bool | None = None) -> None:
+        check_count("callbacks.progress_bar.refresh_rate", refresh_rate, 0, 1)
+        check_count("callbacks.progress_bar.estimate_after", estimate_after, 0, 20)
+        if tty not in (None, True, False):
+            raise ConfigError(f"callbacks.progress_bar.tty={tty!r}: use true (a live bar), false (plain lines) or "
+                              "null (a bar exactly when stdout is a terminal)")
         super().__init__(refresh_rate=refresh_rate, leave=False)
         self.estimate_after, self.tty = estimate_after, tty
         self.total: float = float("inf")
@@ -204,43 +165,31 @@ class StepProgressBar(TQDMProgressBar):
         return {k: float(v) for k, v in shown.items()}
 
     # --- the estimate ----------------------------------------------------------------------------------
-    def remaining_seconds(
-        self, trainer: L.Trainer, pl_module: L.LightningModule
-    ) -> tuple[float, dict[str, float]] | None:
-        """(seconds of training left, {sampling callback: seconds left}), or None before a rate is measured."""
-        rate = self._steps_per_second(trainer)
-        if rate is None or self.total == float("inf"):
+    def time_left(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TimeLeft | None:
+        """The ETA model's answer for now (:func:`~diffusion_lab.callbacks.eta.time_left`), or None before a rate
+        is measured or when the total number of steps is not known."""
+        if self._first is None or self.total == float("inf"):
             return None
-        step_seconds = 1 / rate
-        batch = getattr(trainer.datamodule, "batch_size", None)
-        guess = step_seconds / (TRAIN_STEP_EVALUATIONS_PER_IMAGE * batch) if batch else None
-        sampling: dict[str, float] = {}
-        for cb in self._sampling_callbacks(trainer):
-            per_evaluation = cb.clock.seconds_per_evaluation or guess
-            if per_evaluation is not None:
-                name = type(cb).__name__
-                remaining = cb.remaining_evaluations(trainer, pl_module, int(self.total))
-                if remaining:
-                    sampling[name] = sampling.get(name, 0.0) + remaining * per_evaluation
-        return (self.total - trainer.global_step) * step_seconds, sampling
+        t0, step0, sampling0 = self._first
+        work = [SamplingWork(type(cb).__name__, cb.remaining_evaluations(trainer, pl_module, int(self.total)),
+                             cb.clock.seconds_per_evaluation) for cb in self._sampling_callbacks(trainer)]
+        return time_left(trainer.global_step - step0, perf_counter() - t0, self._sampling_seconds(trainer) - sampling0,
+                         int(self.total) - trainer.global_step, work, getattr(trainer.datamodule, "batch_size", None))
 
     def estimate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         """The start-of-run estimate of the whole run's time, saying what it includes."""
-        rate = self._steps_per_second(trainer)
-        left = self.remaining_seconds(trainer, pl_module)
-        if rate is None or left is None:
+        left = self.time_left(trainer, pl_module)
+        if left is None:
             return "No run-time estimate: the total number of steps is not known (trainer.max_steps)"
-        training, sampling = left
         done = self._elapsed()
-        total = done + training + sum(sampling.values())
-        parts = ", ".join(f"{name} {_hms(s)}" for name, s in sampling.items()) or "none"
+        parts = ", ".join(f"{name} {_hms(s)}" for name, s in left.sampling.items()) or "none"
         measured = " (measured so far)" if any(cb.clock.evaluations for cb in self._sampling_callbacks(trainer)) else (
             " (estimated: one sampling network evaluation ~ 1/3 of a training image's forward+backward)")
-        end = datetime.datetime.now().astimezone() + datetime.timedelta(seconds=total - done)
-        return (f"Estimated run time {_hms(total)}, ending about {end:%H:%M %Z}: {_hms(done)} so far + "
-                f"{int(self.total) - trainer.global_step} steps left at {_rate(rate)} steps/s (measured over steps "
-                f"{self._first[1] + 1}-{trainer.global_step}) {_hms(training)} + sampling callbacks {parts}{measured}; "
-                "start-up before the first step and the final checkpoint not included")
+        end = datetime.datetime.now().astimezone() + datetime.timedelta(seconds=left.total)
+        return (f"Estimated run time {_hms(done + left.total)}, ending about {end:%H:%M %Z}: {_hms(done)} so far + "
+                f"{int(self.total) - trainer.global_step} steps left at {_rate(left.steps_per_second)} steps/s "
+                f"(measured over steps {self._first[1] + 1}-{trainer.global_step}) {_hms(left.training)} + sampling "
+                f"callbacks {parts}{measured}; start-up before the first step and the final checkpoint not included")
 
     # --- helpers ---------------------------------------------------------------------------------------
     def _desc(self, step: int) -> str:
@@ -252,27 +201,18 @@ class StepProgressBar(TQDMProgressBar):
     def _status(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
         """``loss 0.0812``, ``val/fid 10.4``, ``5.80 steps/s``, ``ETA 0:08:15``: what the bar and the lines show."""
         items = [f"{k} {v:.4g}" for k, v in self.get_metrics(trainer, pl_module).items()]
-        rate = self._steps_per_second(trainer)
-        if rate is not None:
-            items.append(f"{_rate(rate)} steps/s")
-        left = self.remaining_seconds(trainer, pl_module)
-        items.append(f"ETA {_hms(left[0] + sum(left[1].values()))}" if left else "ETA ?")
+        left = self.time_left(trainer, pl_module)
+        if left is not None:
+            items.append(f"{_rate(left.steps_per_second)} steps/s")
+        items.append(f"ETA {_hms(left.total)}" if left else "ETA ?")
         return items
 
     def _elapsed(self) -> float:
         return perf_counter() - self._start
 
-    def _steps_per_second(self, trainer: L.Trainer) -> float | None:
-        """Training steps per second since the first step, with the sampling callbacks' time taken out."""
-        if self._first is None or trainer.global_step <= self._first[1]:
-            return None
-        t0, step0, sampling0 = self._first
-        seconds = perf_counter() - t0 - (self._sampling_seconds(trainer) - sampling0)
-        return (trainer.global_step - step0) / seconds if seconds > 0 else None
-
     @staticmethod
-    def _sampling_callbacks(trainer: L.Trainer) -> list[SamplingCallback]:
-        return [cb for cb in trainer.callbacks if isinstance(cb, SamplingCallback)]
+    def _sampling_callbacks(trainer: L.Trainer) -> list[ScheduledCallback]:
+        return [cb for cb in trainer.callbacks if isinstance(cb, ScheduledCallback)]
 
     def _sampling_seconds(self, trainer: L.Trainer) -> float:
         return sum(cb.clock.seconds for cb in self._sampling_callbacks(trainer))

@@ -12,14 +12,14 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from diffusion_lab.callbacks.progress import SamplingClock, count_due
+from diffusion_lab.callbacks.schedule import ScheduledCallback, check_count
 from diffusion_lab.samplers.base import Sampler
 from diffusion_lab.utils.images import grid_image, save_grid
 
 log = logging.getLogger(__name__)
 
 
-class SampleGrid(L.Callback):
+class SampleGrid(ScheduledCallback):
     """Samples ``num_images`` images from the same fixed noise each time, so grids from different steps compare.
 
     A grid is drawn at every multiple of ``every_n_steps`` (0: none), at each step listed in ``at_steps`` (early
@@ -38,42 +38,22 @@ class SampleGrid(L.Callback):
         on_train_end: bool = True,
         at_steps: Sequence[int] = (),
     ) -> None:
-        if every_n_steps < 0 or any(s < 1 for s in at_steps):
-            raise ValueError(f"callbacks.sample_grid: every_n_steps must be >= 0 (0: never) and at_steps >= 1, got "
-                             f"every_n_steps={every_n_steps}, at_steps={list(at_steps)}")
-        self.dirpath, self.every_n_steps, self.num_images = Path(dirpath), every_n_steps, num_images
-        self.at_steps = sorted(set(int(s) for s in at_steps))
-        self.sampler, self.seed, self.at_train_end = sampler, seed, on_train_end
-        self.clock = SamplingClock()
-        self._last_step = -1
+        super().__init__("callbacks.sample_grid", every_n_steps, at_steps, on_train_end)
+        check_count("callbacks.sample_grid.num_images", num_images, 1, 64)
+        self.dirpath, self.num_images, self.sampler, self.seed = Path(dirpath), num_images, sampler, seed
 
-    def is_due(self, step: int) -> bool:
-        """Whether the schedule (every_n_steps, at_steps) draws a grid after optimizer step ``step``."""
-        return (self.every_n_steps > 0 and step % self.every_n_steps == 0) or step in self.at_steps
+    def fire(self, trainer: L.Trainer, pl_module: L.LightningModule, at_end: bool) -> None:
+        self.write(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        step = trainer.global_step
-        if self.is_due(step) and step != self._last_step:
-            self.write(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_train_end and trainer.global_step != self._last_step:
-            self.write(trainer, pl_module)
-
-    def remaining_evaluations(self, trainer: L.Trainer, pl_module: L.LightningModule, last_step: int) -> int:
-        """Single-image network evaluations this callback will still run after the current step up to ``last_step``."""
+    def evaluations_per_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        """Only rank 0 draws the grid."""
         if trainer.global_rank != 0:
             return 0
-        grids = count_due(self.every_n_steps, self.at_steps, trainer.global_step, last_step)
-        if self.at_train_end and not self.is_due(last_step):
-            grids += 1
-        nfe = len((self.sampler or pl_module.sampler).visited(pl_module.diffusion))
-        return grids * self.num_images * nfe
+        return self.num_images * len((self.sampler or pl_module.sampler).visited(pl_module.diffusion))
 
     @rank_zero_only
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         step = trainer.global_step
-        self._last_step = step
         sampler = self.sampler or pl_module.sampler
         with self.clock.measure(self.num_images * len(sampler.visited(pl_module.diffusion))):
             # A private generator: the grid sees the same noise each time and leaves the training RNG untouched.

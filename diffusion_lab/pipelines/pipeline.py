@@ -15,15 +15,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_lab.errors import CheckpointNotFoundError, UserError
 from diffusion_lab.nets.unet import UNet
-from diffusion_lab.pipelines.diffusers_format import DIFFUSERS_VERSION, load_unet, save_unet
-from diffusion_lab.pipelines.scheduler import SchedulerConfig
+from diffusion_lab.pipelines.diffusers_format import DIFFUSERS_VERSION, FormatError, load_unet, read_json, save_unet
+from diffusion_lab.pipelines.scheduler import SCHEDULER_CLASSES, SchedulerConfig
 from diffusion_lab.samplers import DDIMSampler, DDPMSampler
 from diffusion_lab.samplers.base import Sampler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 # One generator for the batch, or a list with one per image (image k draws all its noise from generator k).
 Generators = torch.Generator | list[torch.Generator] | None
+
+
+class PipelineArgumentError(UserError, ValueError):
+    """A pipeline call argument that cannot work (``output_type``, ``batch_size``, ...); the message names it."""
 
 
 @dataclasses.dataclass
@@ -39,6 +44,14 @@ class DiffusionPipeline:
     scheduler_class_name = "DDPMScheduler"
 
     def __init__(self, unet: UNet, scheduler: SchedulerConfig) -> None:
+        channels, out = unet.config.in_channels, unet.config.out_channels
+        want = 2 * channels if scheduler.variance_type == "learned_range" else channels
+        if out != want:  # else the first sampling step fails, far from the cause
+            fix = ("a U-Net with out_channels = 2 x in_channels (the mean and the v of the learned variance), or "
+                   "variance_type fixed_large or fixed_small" if want > channels
+                   else "variance_type=learned_range for a U-Net with 2 x in_channels outputs")
+            raise FormatError(f"the U-Net has {out} output channels for {channels}-channel images, but the scheduler's "
+                              f"variance_type={scheduler.variance_type!r} needs {want}; use {fix}")
         self.unet = unet.eval()
         self.scheduler = scheduler
         self.diffusion = scheduler.diffusion().to(next(unet.parameters()).device)
@@ -62,9 +75,25 @@ class DiffusionPipeline:
     def from_pretrained(cls, folder: str | Path) -> "DiffusionPipeline":
         """From a diffusers-layout folder (this project's ``save_pretrained`` or diffusers')."""
         folder = Path(folder)
-        if not (folder / "unet").is_dir() or not (folder / "scheduler").is_dir():
-            raise FileNotFoundError(f"{folder} is not a pipeline folder (needs unet/ and scheduler/)")
-        return cls(load_unet(folder / "unet"), SchedulerConfig.load(folder / "scheduler"))
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise CheckpointNotFoundError(
+                f"{index} not found: {folder} is not a diffusers pipeline folder (diffusers needs model_index.json "
+                "too); write the folder with save_pretrained, or add model_index.json: "
+                f'{{"_class_name": "{cls.__name__ if cls is not DiffusionPipeline else "DDPMPipeline"}", '
+                '"unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}')
+        entries = read_json(index)
+        for part, allowed in (("unet", ("UNet2DModel",)), ("scheduler", SCHEDULER_CLASSES)):
+            entry = entries.get(part)
+            if entry is not None and (not isinstance(entry, list) or not entry or entry[-1] not in allowed):
+                raise FormatError(f"{index}: {part}={json.dumps(entry)} is not supported: diffusers would load "
+                                  f"that class, this project reads only {' or '.join(allowed)}; save the pipeline "
+                                  "with those")
+        unet, scheduler = load_unet(folder / "unet"), SchedulerConfig.load(folder / "scheduler")
+        try:
+            return cls(unet, scheduler)
+        except FormatError as error:
+            raise FormatError(f"{folder}: {error}") from error
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the diffusers layout; ``diffusers.DDPMPipeline.from_pretrained(folder)`` loads it."""
@@ -86,10 +115,23 @@ class DiffusionPipeline:
         return next(self.unet.parameters()).device
 
     # --- sampling ----------------------------------------------------------------------------------
+    def _check_call(self, batch_size: int, generator: Generators, num_inference_steps: int, output_type: str) -> None:
+        """The call's arguments, in diffusers' names, before any sampling starts."""
+        if output_type not in OUTPUT_TYPES:
+            raise PipelineArgumentError(f"output_type={output_type!r} is not supported; allowed: "
+                                        f"{', '.join(OUTPUT_TYPES)}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise PipelineArgumentError(f"batch_size={batch_size!r} must be an int >= 1")
+        if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
+            raise PipelineArgumentError(f"a list of {len(generator)} generators for a batch of {batch_size} images; "
+                                        "pass one generator per image, or a single generator")
+        steps = self.scheduler.num_train_timesteps
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= steps:
+            raise PipelineArgumentError(f"num_inference_steps={num_inference_steps!r} must be an int from 1 to "
+                                        f"{steps} (the scheduler's num_train_timesteps)")
+
     def _generate(self, sampler: Sampler, batch_size: int, generator: Generators, output_type: str,
                   return_dict: bool) -> ImagePipelineOutput | tuple:
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r} is not supported; allowed: {', '.join(OUTPUT_TYPES)}")
         cfg = self.unet.config
         shape = (batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
         images = sampler.sample(self.unet, self.diffusion, shape, generator=generator, device=self.device)
@@ -117,6 +159,7 @@ class DDPMPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator: Generators = None, num_inference_steps: int = 1000,
                  output_type: str = "pil", return_dict: bool = True) -> ImagePipelineOutput | tuple:
+        self._check_call(batch_size, generator, num_inference_steps, output_type)
         sampler = DDPMSampler(num_steps=num_inference_steps, spacing=self.scheduler.timestep_spacing,
                               variance=self.scheduler.variance_type, clip_denoised=self.scheduler.clip_sample,
                               progress=True)
@@ -132,6 +175,9 @@ class DDIMPipeline(DiffusionPipeline):
     def __call__(self, batch_size: int = 1, generator: Generators = None, eta: float = 0.0,
                  num_inference_steps: int = 50, use_clipped_model_output: bool | None = None,
                  output_type: str = "pil", return_dict: bool = True) -> ImagePipelineOutput | tuple:
+        self._check_call(batch_size, generator, num_inference_steps, output_type)
+        if not isinstance(eta, (int, float)) or not eta >= 0:
+            raise PipelineArgumentError(f"eta={eta!r} must be a number >= 0 (0: deterministic DDIM, 1: DDPM-like)")
         sampler = DDIMSampler(num_steps=num_inference_steps, spacing=self.scheduler.timestep_spacing, eta=eta,
                               clip_denoised=self.scheduler.clip_sample,
                               use_clipped_model_output=bool(use_clipped_model_output), progress=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
-from diffusion_lab.pipelines.diffusers_format import FormatError
+from diffusion_lab.errors import CheckpointNotFoundError
+from diffusion_lab.pipelines.diffusers_format import FormatError, read_json, refuse_unknown_fields
 
 # diffusers scheduler fields this project does not model, with the only value it samples like diffusers with.
 # Anything else is refused by SchedulerConfig.load rather than silently dropped.
@@ -22,6 +23,10 @@ UNMODELLED: dict[str, tuple[Any, str]] = {
     "clip_sample_range": (1.0, "clip_sample clips x0 to [-1, 1]"),
     "thresholding": (False, "dynamic thresholding (Imagen) is not implemented"),
 }
+# diffusers fields that only matter with thresholding=True (refused above), so any value samples alike.
+THRESHOLDING_ONLY = ("dynamic_thresholding_ratio", "sample_max_value")
+SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler")
+SPACINGS = ("leading", "trailing", "linspace")  # diffusers' timestep_spacing values
 
 # diffusers name <-> this project's name
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine", "sigmoid": "sigmoid"}
@@ -43,12 +48,18 @@ class SchedulerConfig:
     rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule={self.beta_schedule!r} is not supported; allowed: {list(BETA_SCHEDULES)}")
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type={self.prediction_type!r} is not supported; allowed: {list(PREDICTION_TYPES)}")
-        if self.variance_type not in VARIANCE_TYPES:
-            raise ValueError(f"variance_type={self.variance_type!r} is not supported; allowed: {', '.join(VARIANCE_TYPES)}")
+        for key, value, allowed in (("beta_schedule", self.beta_schedule, tuple(BETA_SCHEDULES)),
+                                    ("prediction_type", self.prediction_type, tuple(PREDICTION_TYPES)),
+                                    ("variance_type", self.variance_type, VARIANCE_TYPES),
+                                    ("timestep_spacing", self.timestep_spacing, SPACINGS)):
+            if value not in allowed:
+                raise FormatError(f"scheduler {key}={value!r} is not supported; use one of: {', '.join(allowed)}")
+        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
+            raise FormatError(f"scheduler num_train_timesteps={self.num_train_timesteps!r} must be an int >= 1 "
+                              "(the T the net was trained with, e.g. 1000)")
+        if not 0 < self.beta_start <= self.beta_end < 1:
+            raise FormatError(f"scheduler beta_start={self.beta_start}, beta_end={self.beta_end}: need "
+                              "0 < beta_start <= beta_end < 1 (DDPM: 0.0001 and 0.02)")
 
     def diffusion(self) -> GaussianDiffusion:
         return GaussianDiffusion(
@@ -80,12 +91,26 @@ class SchedulerConfig:
 
     @classmethod
     def load(cls, folder: str | Path) -> "SchedulerConfig":
+        """Read ``scheduler_config.json``: every field is used, or must hold the value this project samples like
+        diffusers with, or is refused by name (unknown fields too), so nothing that changes sampling is dropped."""
         path = Path(folder) / "scheduler_config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: not a diffusers scheduler folder")
-        raw = json.loads(path.read_text())
+            raise CheckpointNotFoundError(
+                f"{path} not found: a pipeline folder needs scheduler/scheduler_config.json (a DDPMScheduler or "
+                "DDIMScheduler config); write the folder with save_pretrained, or copy that file from the folder "
+                "the net was saved in")
+        raw = read_json(path)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        refuse_unknown_fields(raw, fields | set(UNMODELLED) | set(THRESHOLDING_ONLY) | {"trained_betas"}, str(path),
+                              "DDPMScheduler / DDIMScheduler")
+        name = raw.get("_class_name", "DDPMScheduler")
+        if name not in SCHEDULER_CLASSES:
+            raise FormatError(f"{path}: _class_name={name!r} is not supported: diffusers would sample with {name}, "
+                              f"this project only with {' or '.join(SCHEDULER_CLASSES)}; save the pipeline with one "
+                              "of those")
         if raw.get("trained_betas") is not None:
-            raise FormatError(f"{path}: trained_betas (explicit beta arrays) are not supported")
+            raise FormatError(f"{path}: trained_betas (explicit beta arrays) are not supported; give "
+                              "beta_schedule/beta_start/beta_end and \"trained_betas\": null")
         for key, (default, why) in UNMODELLED.items():
             value = raw.get(key, default)
             if key == "clip_sample_range" and not raw.get("clip_sample", True):
@@ -96,5 +121,10 @@ class SchedulerConfig:
                     f"differently here than in diffusers. Use a folder with {key}={json.dumps(default)}, or edit "
                     "scheduler_config.json if that is what you want"
                 )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in fields})
+        values = {k: v for k, v in raw.items() if k in fields}
+        if name == "DDPMScheduler":  # a missing field means diffusers' default, which differs from this class's
+            values.setdefault("variance_type", "fixed_small")
+        try:
+            return cls(**values)
+        except FormatError as error:
+            raise FormatError(f"{path}: {error}") from error

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from diffusion_lab.callbacks import SampleGrid, StepProgressBar
-from diffusion_lab.callbacks.progress import SamplingClock, count_due
+from diffusion_lab.callbacks.eta import SamplingClock
+from diffusion_lab.callbacks.schedule import count_due
 from diffusion_lab.utils.images import GRID_BACKGROUND, grid_image
 from tests.conftest import TINY
 
@@ -81,7 +82,7 @@ def test_grid_at_the_step_the_readme_names(cli_run, compose_cfg):
     cfg = compose_cfg([], tiny=False)  # the default run: experiment=digits
     grid = SampleGrid(dirpath="unused", every_n_steps=cfg.callbacks.sample_grid.every_n_steps,
                       at_steps=cfg.callbacks.sample_grid.at_steps)
-    assert grid.is_due(step) and step < cfg.trainer.max_steps
+    assert grid.schedule.is_due(step) and step < cfg.trainer.max_steps
     assert cfg.callbacks.progress_bar._target_ == "diffusion_lab.callbacks.StepProgressBar"
     # ... and the schedule works in a real run: the scaled-down schedule wrote exactly its grids.
     _, run = cli_run
@@ -119,16 +120,16 @@ def test_remaining_time_budgets_training_and_sampling(monkeypatch):
                               callbacks=[grid, bar])
     bar.total, bar._first = 3000.0, (90.0, 1, 0.0)
     monkeypatch.setattr(progress, "perf_counter", lambda: 100.0)
-    training, sampling = bar.remaining_seconds(trainer, module)
-    assert training == pytest.approx(2979 / 2.0)
+    left = bar.time_left(trainer, module)
+    assert left.training == pytest.approx(2979 / 2.0)
     # Not run yet: one image evaluation ~ a third of a training image's forward+backward (0.5 s / 128 images).
-    assert sampling == {"SampleGrid": pytest.approx(4 * 64 * 1000 * 0.5 / (3 * 128))}
+    assert left.sampling == {"SampleGrid": pytest.approx(4 * 64 * 1000 * 0.5 / (3 * 128))}
     # Once it has run, its own measured cost counts, and its time is not charged to the training steps.
     grid.clock.seconds, grid.clock.evaluations = 4.0, 64 * 1000
     trainer.global_step = 501
-    training, sampling = bar.remaining_seconds(trainer, module)
-    assert training == pytest.approx(2499 / (500 / 6.0))
-    assert sampling == {"SampleGrid": pytest.approx(3 * 64 * 1000 * 4.0 / 64000)}
+    left = bar.time_left(trainer, module)
+    assert left.training == pytest.approx(2499 / (500 / 6.0))
+    assert left.sampling == {"SampleGrid": pytest.approx(3 * 64 * 1000 * 4.0 / 64000)}
 
 
 @pytest.mark.parametrize("every, at, after, until", [(1000, [500], 0, 3000), (1000, [500, 1000, 2500], 21, 3000),

@@ -100,13 +100,28 @@ def test_pipeline_output_types_and_round_trip(cls, small_pipeline, tmp_path):
                                arr, atol=1e-3)
 
 
-def test_pipeline_to_device_and_ddim_eta(small_pipeline):
+def test_pipeline_to_device_and_ddim_eta(small_pipeline, tmp_path):
+    """eta reaches the sampler: the pipeline's images are DDIMSampler's with that eta (to float32 rounding), and
+    diffusers' DDIMPipeline on the same folder and generator draws the same ones at eta=0 and at eta=1."""
+    from diffusion_lab.samplers import DDIMSampler
+
     pipe = DDIMPipeline(small_pipeline, SchedulerConfig()).to("cpu")
     assert pipe.device.type == "cpu"
+    pipe.save_pretrained(tmp_path / "pipe")
+    theirs = diffusers.DDIMPipeline.from_pretrained(tmp_path / "pipe")
+    theirs.set_progress_bar_config(disable=True)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    a = pipe(batch_size=2, generator=g(), eta=0.0, num_inference_steps=10, output_type="np").images
-    b = pipe(batch_size=2, generator=g(), eta=1.0, num_inference_steps=10, output_type="np").images
-    assert not np.allclose(a, b)
+    images = {}
+    for eta in (0.0, 1.0):
+        images[eta] = pipe(batch_size=2, generator=g(), eta=eta, num_inference_steps=10, output_type="np").images
+        sampler = DDIMSampler(num_steps=10, spacing="leading", eta=eta, clip_denoised=True)
+        direct = sampler.sample(small_pipeline, pipe.diffusion, (2, 3, 8, 8), generator=g(), device="cpu")
+        expected = (direct / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_allclose(images[eta], expected, atol=1e-6, rtol=0)
+        # float32 schedule there, float64 here: up to ~2e-4 apart with this random network
+        np.testing.assert_allclose(theirs(batch_size=2, generator=g(), eta=eta, num_inference_steps=10,
+                                          output_type="np").images, images[eta], atol=1e-3, rtol=0)
+    assert np.abs(images[0.0] - images[1.0]).max() > 0.05  # so the 1e-3 agreement above tells them apart
 
 
 def test_pipeline_from_training_checkpoint_uses_ema(digits_checkpoint):

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from diffusion_lab.nets import UNet
 
 # No network in tests: every hub access must fail fast rather than hang.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -42,28 +47,66 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def compose_cfg(tmp_path: Path) -> Callable:
-    """compose_cfg(overrides, run_dir=None) -> the real train config, with its run folder under tmp_path."""
+def compose_config(name: str, overrides: Iterable[str] = (), hydra: bool = False) -> DictConfig:
+    """The shipped ``name`` config ("train", "sample" or "eval") with ``overrides``, composed as its CLI does.
+
+    ``hydra=True`` keeps the ``hydra`` node (run folder, choices), which :func:`use_run_dir` needs. Hydra's
+    global state is left cleared, so one test's composition cannot leak into the next."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("diffusion_lab.conf", version_base="1.3"):
+            return compose(name, overrides=list(overrides), return_hydra_config=hydra)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def use_run_dir(cfg: DictConfig, run_dir: Path, log_dir: Path, data_dir: Path | None = None) -> DictConfig:
+    """Point a composed train config (``hydra=True``) at ``run_dir`` as a real run would be: ``paths.output_dir``
+    resolves through HydraConfig, ``ckpt_path=last`` searches ``log_dir``; ``data_dir`` keeps downloads in tmp."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    def _compose(overrides: list[str] = (), run_dir: Path | None = None, tiny: bool = True):
-        GlobalHydra.instance().clear()
-        with initialize_config_module("diffusion_lab.conf", version_base="1.3"):
-            cfg = compose("train", overrides=(TINY if tiny else []) + list(overrides), return_hydra_config=True)
-        out = Path(run_dir or tmp_path / "runs" / str(cfg.hydra.runtime.choices.experiment) / "run")
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(out)
-            cfg.paths.log_dir = str(out.parent.parent)
-            cfg.paths.data_dir = str(tmp_path / "data")
-        HydraConfig.instance().set_config(cfg)
-        return cfg
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.paths.log_dir = str(log_dir)
+        if data_dir is not None:
+            cfg.paths.data_dir = str(data_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
-    yield _compose
-    GlobalHydra.instance().clear()
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Callable:
+    """compose_cfg(overrides, run_dir=None, tiny=True) -> the real train config (TINY first unless tiny=False),
+    its run folder ``run_dir`` or tmp_path/runs/<experiment>/run."""
+
+    def _compose(overrides: Iterable[str] = (), run_dir: Path | None = None, tiny: bool = True) -> DictConfig:
+        cfg = compose_config("train", (TINY if tiny else []) + list(overrides), hydra=True)
+        out = Path(run_dir or tmp_path / "runs" / str(cfg.hydra.runtime.choices.experiment) / "run")
+        return use_run_dir(cfg, out, log_dir=out.parent.parent, data_dir=tmp_path / "data")
+
+    return _compose
+
+
+def tiny_unet(perturb: float = 0.0, **overrides) -> UNet:
+    """The test suite's small U-Net: 1-channel 8x8 images, width 32, one level, one residual block, no attention;
+    ``overrides`` are UNet arguments (e.g. ``out_channels=2``, ``ch_mult=(1, 2)``).
+
+    ``perturb`` adds N(0, perturb^2) noise (torch's global generator) to every weight: the output convolutions
+    start at scale 1e-10, so an unperturbed net predicts ~0 whatever its input."""
+    from diffusion_lab.nets import UNet
+
+    kwargs = dict(image_size=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1,
+                  attn_resolutions=())
+    net = UNet(**(kwargs | overrides))
+    if perturb:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * perturb)
+    return net
 
 
 def eval_command(ckpt: Path, out: Path, data_dir: Path, *overrides: str) -> list[str]:
@@ -105,24 +148,11 @@ def hf_cifar_like(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def digits_checkpoint(tmp_path_factory):
     """A short real digits run (the trained checkpoint every sampler is tried on)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
     from diffusion_lab.cli.train import train
 
     out = tmp_path_factory.mktemp("digits_run")
-    GlobalHydra.instance().clear()
-    with initialize_config_module("diffusion_lab.conf", version_base="1.3"):
-        cfg = compose("train", overrides=TINY + ["trainer.max_steps=60", "callbacks.sample_grid.every_n_steps=0"],
-                      return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.paths.log_dir = str(out.parent)
-    HydraConfig.instance().set_config(cfg)
-    train(cfg)
-    GlobalHydra.instance().clear()
+    cfg = compose_config("train", TINY + ["trainer.max_steps=60", "callbacks.sample_grid.every_n_steps=0"], hydra=True)
+    train(use_run_dir(cfg, out, log_dir=out.parent))
     return out / "checkpoints" / "last.ckpt"
 
 

@@ -9,16 +9,17 @@ from functools import partial
 import torch
 from ddp_fid_worker import fit_one_step_and_score  # the same harness (this folder is on sys.path)
 
+from tests.conftest import tiny_unet  # importable once ddp_fid_worker has put the repository root on sys.path
+
 
 def main(devices: int, out: str) -> None:
     from diffusion_lab.callbacks import BPDEvaluation
     from diffusion_lab.data import DiffusionDataModule, DigitsSource
     from diffusion_lab.diffusion import GaussianDiffusion
-    from diffusion_lab.nets import UNet
     from diffusion_lab.training import DiffusionModule
 
     torch.manual_seed(0)
-    net = UNet(image_size=8, in_channels=1, out_channels=2, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+    net = tiny_unet(out_channels=2)
     # lr = 0 and ema_decay = 0: the weights stay the initial ones, isolating the evaluation's sharding and gathering.
     diffusion = GaussianDiffusion(50, variance="learned_range", loss="hybrid", quantization_levels=17)
     module = DiffusionModule(net, diffusion, partial(torch.optim.Adam, lr=0.0), ema_decay=0.0)

@@ -6,21 +6,24 @@ Used by test_evaluation.py: a separate interpreter, so process groups never leak
 import json
 import sys
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: tests.conftest
+from tests.conftest import tiny_unet  # noqa: E402
 
 
 def main(devices: int, out: str) -> None:
     from diffusion_lab.callbacks import FIDEvaluation
     from diffusion_lab.data import DiffusionDataModule, DigitsSource
     from diffusion_lab.diffusion import GaussianDiffusion
-    from diffusion_lab.nets import UNet
     from diffusion_lab.samplers import DDIMSampler
     from diffusion_lab.training import DiffusionModule
 
     torch.manual_seed(0)
-    net = UNet(image_size=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+    net = tiny_unet()
     # lr = 0 and ema_decay = 0: the weights stay the initial ones whatever data each rank's step sees, so the
     # comparison isolates the evaluation (sharding by index, gathering) from DDP's different effective batch.
     module = DiffusionModule(net, GaussianDiffusion(100), partial(torch.optim.Adam, lr=0.0), ema_decay=0.0)

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 import diffusion_lab
 from diffusion_lab.cli.train import train
 from diffusion_lab.config import ConfigError, validate_config
+from tests.conftest import compose_config
 
 CONF = Path(diffusion_lab.__file__).parent / "conf"
 
@@ -40,13 +41,20 @@ def test_sampler_options(compose_cfg, option):
     assert sampler.name == option and len(sampler.visited(instantiate(cfg.diffusion))) >= 1
 
 
+# model option: (its data set, that data's image side, parameters, dropout). The counts are the paper's 35.7M and
+# 114M (Ho et al. 2020; 35,746,307 is also the converted original CIFAR-10 checkpoint's) and the digits net's 1.6M.
+MODELS = {"unet_256": ("celebahq256", 256, 113_673_219, 0.0), "unet_cifar10": ("cifar10", 32, 35_746_307, 0.1),
+          "unet_digits": ("digits", 8, 1_623_169, 0.1)}
+
+
 @pytest.mark.parametrize("option", options("model"))
 def test_model_options(compose_cfg, option):
-    data = {"unet_256": "celebahq256", "unet_cifar10": "cifar10", "unet_digits": "digits"}[option]
+    data, image_size, parameters, dropout = MODELS[option]
     cfg = compose_cfg([f"model={option}", f"data={data}"], tiny=False)
     validate_config(cfg)
     module = instantiate(cfg.model, _partial_=True)(diffusion=instantiate(cfg.diffusion), sampler=None)
-    assert module.net.config.image_size == cfg.data.image_size
+    assert (module.net.config.image_size, module.net.config.dropout) == (image_size, dropout)
+    assert sum(p.numel() for p in module.net.parameters()) == parameters
 
 
 @pytest.mark.parametrize("option", options("data"))
@@ -66,7 +74,9 @@ def test_trainer_options(compose_cfg, option):
     validate_config(cfg)
     if option in ("cpu", "default"):
         trainer = instantiate(cfg.trainer, logger=False)
-        assert trainer.max_steps == cfg.trainer.max_steps
+        # the default experiment's (digits) 3,000 steps, the recipe its quality-gate bands hold for; the DDPM
+        # recipe's global-norm clipping at 1.0 (paper-numbers.md); full precision
+        assert (trainer.max_steps, trainer.gradient_clip_val, trainer.precision) == (3000, 1.0, "32-true")
     else:  # GPU configs: assert the resolved values (no GPU here to instantiate on)
         assert cfg.trainer.accelerator == "gpu"
         assert {"bf16": "bf16-mixed"}.get(option, "32-true") == cfg.trainer.precision
@@ -118,6 +128,7 @@ def test_every_experiment_runs_one_training_step(compose_cfg, option, tmp_path):
 
 
 def test_cifar10_experiment_is_the_paper_recipe(compose_cfg):
+    """The numbers of Ho et al. 2020, App. B and scripts/run_cifar.py (shared/reference/paper-numbers.md)."""
     cfg = compose_cfg(["experiment=ddpm_cifar10"], tiny=False)
     assert cfg.data.batch_size == 128 and cfg.data.hflip is True
     assert (cfg.diffusion.schedule, cfg.diffusion.num_timesteps) == ("linear", 1000)
@@ -126,9 +137,26 @@ def test_cifar10_experiment_is_the_paper_recipe(compose_cfg):
     assert (net.ch, list(net.ch_mult), net.num_res_blocks, list(net.attn_resolutions), net.dropout) == (
         128, [1, 2, 2, 2], 2, [16], 0.1)
     assert cfg.model.optimizer.lr == 2e-4 and list(cfg.model.optimizer.betas) == [0.9, 0.999]
+    assert cfg.model.optimizer.weight_decay == 0.0 and cfg.diffusion.loss == "simple"
     assert cfg.model.lr_scheduler.warmup_steps == 5000 and cfg.model.ema_decay == 0.9999
     assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.max_steps == 800_000
     assert cfg.sampler.variance == "fixed_large" and cfg.sampler.num_steps is None  # None: all T = 1000 steps
+
+
+@pytest.mark.parametrize("experiment, steps", [("ddpm_celebahq256", 500_000), ("ddpm_lsun_church256", 1_200_000)])
+def test_256_experiments_are_the_paper_recipes(compose_cfg, experiment, steps):
+    """The 256x256 models of Ho et al. 2020 (paper-numbers.md): ch_mult (1,1,2,2,4,4), attention at 16x16, no
+    dropout, lr 2e-5, batch 64, hflip; 0.5M steps on CelebA-HQ, 1.2M on LSUN Church."""
+    cfg = compose_cfg([f"experiment={experiment}"], tiny=False)
+    net = cfg.model.net
+    assert (net.image_size, net.ch, list(net.ch_mult), net.num_res_blocks, list(net.attn_resolutions), net.dropout) == (
+        256, 128, [1, 1, 2, 2, 4, 4], 2, [16], 0.0)
+    assert (cfg.data.batch_size, cfg.data.hflip, cfg.model.optimizer.lr, cfg.model.optimizer.weight_decay) == (
+        64, True, 2e-5, 0.0)
+    assert (cfg.diffusion.schedule, cfg.diffusion.num_timesteps) == ("linear", 1000)
+    assert (cfg.diffusion.beta_start, cfg.diffusion.beta_end) == (1e-4, 0.02)
+    assert cfg.model.lr_scheduler.warmup_steps == 5000 and cfg.model.ema_decay == 0.9999
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.max_steps == steps
 
 
 def test_iddpm_cifar10_experiment_is_the_improved_ddpm_recipe(compose_cfg):
@@ -182,3 +210,22 @@ def test_cli_rejects_an_unknown_key_and_shows_the_recipe(tmp_path):
     assert job.returncode == 0, job.stderr
     assert "uoft-cs/cifar10" in job.stdout and "warmup_steps: 5000" in job.stdout and "ema_decay: 0.9999" in job.stdout
     assert not (tmp_path / "runs").exists()  # --cfg only prints
+
+
+def test_sample_and_eval_defaults_are_the_papers_protocols():
+    """diffusion-lab-sample draws with Ho et al.'s Algorithm 2 as run for CIFAR-10 (all T steps, sigma_t^2 = beta_t);
+    diffusion-lab-eval's default grid has the rows and columns of DDIM's Table 1 (reports/paper.py, which the
+    report puts beside it), S = T coming from grid.full_steps."""
+    from diffusion_lab.reports.paper import DDIM_TABLE1_CIFAR10
+
+    sample = compose_config("sample", ["ckpt=model.ckpt"])
+    assert sample.sampler._target_ == "diffusion_lab.samplers.DDPMSampler"
+    assert (sample.sampler.num_steps, sample.sampler.variance, sample.use_ema) == (None, "fixed_large", True)
+    grid = compose_config("eval").grid
+    table_etas = sorted(eta for sampler, eta in DDIM_TABLE1_CIFAR10 if sampler == "ddim")
+    assert sorted(grid.ddim_eta) == table_etas
+    full = [1000] if grid.full_steps else []
+    assert sorted(grid.ddim_steps) + full == sorted(DDIM_TABLE1_CIFAR10["ddim", 0.0])
+    # the table's sigma-hat row is DDPM with fixed_large; fixed_small is the variance diffusers defaults to
+    assert sorted(grid.ddpm_steps) + full == sorted(DDIM_TABLE1_CIFAR10["ddpm", "fixed_large"])
+    assert list(grid.ddpm_variance) == ["fixed_large", "fixed_small"]

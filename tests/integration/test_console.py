@@ -139,12 +139,21 @@ def test_count_due_is_the_count_of_scheduled_steps(every, at, after, until):
     assert count_due(every, at, after, until) == brute
 
 
-def test_sampling_clock_measures_seconds_per_evaluation():
+def test_sampling_clock_measures_seconds_per_evaluation(monkeypatch):
+    """Runs of 2.5 s for 100 evaluations and 0.5 s for 20 (a stubbed clock): 3 s over 120, 0.025 s each."""
+    import diffusion_lab.callbacks.progress as progress
+
+    ticks = iter([10.0, 12.5, 20.0, 20.5])
+    monkeypatch.setattr(progress, "perf_counter", lambda: next(ticks))
     clock = SamplingClock()
     assert clock.seconds_per_evaluation is None
     with clock.measure(100):
         pass
-    assert clock.evaluations == 100 and clock.seconds_per_evaluation == pytest.approx(clock.seconds / 100)
+    assert (clock.seconds, clock.last, clock.seconds_per_evaluation) == (2.5, 2.5, 0.025)
+    with pytest.raises(RuntimeError), clock.measure(20):  # a failed run still costs its time
+        raise RuntimeError
+    assert (clock.seconds, clock.last, clock.evaluations) == (3.0, 0.5, 120)
+    assert clock.seconds_per_evaluation == pytest.approx(0.025)
 
 
 @pytest.mark.parametrize("size, channels, cell, pad", [(8, 1, 64, 8), (32, 3, 64, 8), (256, 3, 256, 32), (4, 1, 64, 8)])

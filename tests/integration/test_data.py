@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from diffusion_lab.data import DataError, DiffusionDataModule, DigitsSource, FolderSource, HFSource
-from diffusion_lab.nets import UNet
-from tests.conftest import make_images
+from tests.conftest import make_images, tiny_unet
 
 
 def first_batch(dm: DiffusionDataModule) -> torch.Tensor:
@@ -102,7 +101,7 @@ def test_folder_errors_name_the_folder_or_file(tmp_path):
 
 def test_shape_mismatch_with_the_model_is_named():
     dm = DiffusionDataModule(DigitsSource(), image_size=8, channels=1, batch_size=4)
-    net = UNet(image_size=8, in_channels=3, out_channels=3, ch=32, ch_mult=(1,), attn_resolutions=())
+    net = tiny_unet(in_channels=3, out_channels=3)
     with pytest.raises(DataError, match="model.net.in_channels.*data.channels"):
         dm.check_model(net)
 

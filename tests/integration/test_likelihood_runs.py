@@ -16,8 +16,7 @@ from PIL import Image
 from diffusion_lab.data import DiffusionDataModule, DigitsSource
 from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.metrics.likelihood import bits_per_dim, dataset_images
-from diffusion_lab.nets import UNet
-from tests.conftest import eval_command
+from tests.conftest import eval_command, tiny_unet
 
 
 def test_bound_falls_as_a_digits_model_trains():
@@ -34,8 +33,7 @@ def test_bound_falls_as_a_digits_model_trains():
     images = dataset_images(dm, "train", None)
     eval_images = images[:16]
     d = GaussianDiffusion(100, variance="learned_range", loss="hybrid", quantization_levels=17)
-    net = UNet(image_size=8, in_channels=1, out_channels=2, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-               attn_resolutions=(), dropout=0.0)
+    net = tiny_unet(out_channels=2, ch_mult=(1, 2), dropout=0.0)
     zeros = bits_per_dim(lambda x, t: torch.zeros(len(x), 2, 8, 8), d, eval_images, seed=0).summary()["bpd"]
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(1)
@@ -103,11 +101,8 @@ def test_learned_range_pipeline_round_trips_through_diffusers(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from diffusion_lab.pipelines import DDPMPipeline, SchedulerConfig
 
-    net = UNet(image_size=8, in_channels=1, out_channels=2, ch=32, ch_mult=(1,), num_res_blocks=1,
-               attn_resolutions=(), dropout=0.0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    torch.manual_seed(0)
+    net = tiny_unet(perturb=0.05, out_channels=2, dropout=0.0)
     pipe = DDPMPipeline(net.eval(), SchedulerConfig(variance_type="learned_range", clip_sample=True))
     assert pipe.diffusion.learned_variance
     pipe.save_pretrained(tmp_path / "pipe")

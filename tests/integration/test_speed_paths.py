@@ -3,6 +3,7 @@ clipping, the periodic finite-loss check; and the benchmarks' documented command
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -122,6 +123,11 @@ def test_unet_vs_diffusers_benchmark_runs_and_records_ratios(monkeypatch, tmp_pa
     digits = record["configs"]["digits"]
     assert digits["parameters"] == 1_623_169 and set(digits["networks"]) == {"diffusers", "ours[eager]",
                                                                                "ours[channels_last]"}
-    assert digits["networks"]["diffusers"]["train_ratio_to_diffusers"] == 1.0
-    assert record["threads"] == 1 and "torch" in record and out.is_file()
+    base = digits["networks"]["diffusers"]
+    for name in ("ours[eager]", "ours[channels_last]"):  # each ratio is its own median over diffusers', not inverted
+        ours = digits["networks"][name]
+        assert ours["train_ratio_to_diffusers"] == pytest.approx(ours["train_step_s"] / base["train_step_s"])
+        assert ours["forward_ratio_to_diffusers"] == pytest.approx(ours["forward_s"] / base["forward_s"])
+        assert ours["train_images_per_s"] == pytest.approx(2 / ours["train_step_s"])  # --digits-batch 2
+    assert record["threads"] == 1 and "torch" in record and json.loads(out.read_text()) == record
     assert "ours / diffusers" in capsys.readouterr().out

@@ -95,7 +95,9 @@ def test_loss_of_a_zero_predictor_is_the_target_second_moment():
 def test_min_snr_weights():
     d = GaussianDiffusion(1000, prediction_type="eps", loss_weighting="min_snr", min_snr_gamma=5.0)
     t = torch.tensor([0, 999])
-    snr = d.snr[t]
+    # SNR = alpha-bar / (1 - alpha-bar) of Ho's linear schedule, from its betas (not the module's own snr buffer)
+    alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    snr = (alphas_cumprod / (1 - alphas_cumprod))[t]
     # low t: SNR >> 5, weight 5 / SNR; high t: SNR << 5, weight 1
     torch.testing.assert_close(d.loss_weight(t), torch.stack([5.0 / snr[0], torch.ones((), dtype=torch.float64)]).float())
     v = GaussianDiffusion(1000, prediction_type="v", loss_weighting="min_snr", min_snr_gamma=5.0)

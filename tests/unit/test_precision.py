@@ -9,19 +9,15 @@ import torch
 
 from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.loading import PrecisionError, sampling_net
-from diffusion_lab.nets import UNet
 from diffusion_lab.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
+from tests.conftest import tiny_unet
 
 
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    net = UNet(image_size=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-               attn_resolutions=(4,), dropout=0.0)
-    with torch.no_grad():  # non-zero output layer, so the prediction is not trivially zero
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return net.eval()
+    # perturbed: a non-zero output layer, so the prediction is not trivially zero
+    return tiny_unet(perturb=0.02, ch_mult=(1, 2), attn_resolutions=(4,), dropout=0.0).eval()
 
 
 class Recorder(torch.nn.Module):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffusion_lab.nets import UNet, timestep_embedding
+from tests.conftest import tiny_unet
 
 
 def count(net):
@@ -28,17 +29,15 @@ def test_256_config_has_about_114m_parameters():
 
 
 @pytest.mark.parametrize(
-    "kwargs, shape",
+    "overrides, shape",
     [
-        (dict(image_size=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(4,)), (3, 1, 8, 8)),
-        (dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,)), (2, 3, 16, 16)),
+        (dict(ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(4,)), (3, 1, 8, 8)),
+        (dict(image_size=16, in_channels=3, out_channels=3, ch_mult=(1, 2), attn_resolutions=(8,)), (2, 3, 16, 16)),
     ],
 )
-def test_output_shape_and_timestep_dependence(kwargs, shape):
+def test_output_shape_and_timestep_dependence(overrides, shape):
     torch.manual_seed(0)
-    net = UNet(**kwargs).eval()
-    for p in net.parameters():  # the output convolutions start near zero; perturb so the output is informative
-        p.data.add_(torch.randn_like(p) * 0.02)
+    net = tiny_unet(perturb=0.02, **overrides).eval()  # perturbed: the output convolutions start near zero
     x = torch.randn(shape)
     out_a = net(x, torch.full((shape[0],), 10))
     out_b = net(x, torch.full((shape[0],), 900))
@@ -62,11 +61,11 @@ def test_timestep_embedding_values():
 
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="attn_resolutions.*allowed: \\[8, 4\\]"):
-        UNet(image_size=8, ch=32, ch_mult=(1, 2), attn_resolutions=(16,))
+        tiny_unet(image_size=8, ch_mult=(1, 2), attn_resolutions=(16,))
     with pytest.raises(ValueError, match="image_size=10"):
-        UNet(image_size=10, ch=32, ch_mult=(1, 2, 2), attn_resolutions=())
+        tiny_unet(image_size=10, ch_mult=(1, 2, 2))
     with pytest.raises(ValueError, match="expects \\(B, 3, 32, 32\\)"):
-        UNet(ch=32, ch_mult=(1, 2), attn_resolutions=())(torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
+        tiny_unet(image_size=32, in_channels=3, ch_mult=(1, 2))(torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-5), (torch.bfloat16, 0.1)])
@@ -74,9 +73,7 @@ def test_forward_with_parameters_in_any_float_dtype(dtype, tol):
     """net.to(dtype) runs end to end (the timestep embedding follows the weights' dtype) and agrees with fp32:
     float64 to rounding, bf16 within its 8-bit mantissa (relative error ~1e-2 per op, a few % at the output)."""
     torch.manual_seed(0)
-    net = UNet(image_size=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2), attn_resolutions=(4,)).eval()
-    for p in net.parameters():
-        p.data.add_(torch.randn_like(p) * 0.02)
+    net = tiny_unet(perturb=0.02, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,)).eval()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
     with torch.no_grad():
         reference = net(x, t)
@@ -125,11 +122,9 @@ def test_fused_qkv_attention_equals_the_three_projection_formula(num_heads, chan
 
 def test_channels_last_network_matches_the_default_layout():
     torch.manual_seed(0)
-    kwargs = dict(image_size=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2), attn_resolutions=(4,))
-    net = UNet(**kwargs).eval()
-    for p in net.parameters():
-        p.data.add_(torch.randn_like(p) * 0.02)
-    nhwc = UNet(**kwargs).eval()
+    overrides = dict(ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,))
+    net = tiny_unet(perturb=0.02, **overrides).eval()
+    nhwc = tiny_unet(**overrides).eval()
     nhwc.load_state_dict(net.state_dict())
     nhwc.to(memory_format=torch.channels_last)
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999])

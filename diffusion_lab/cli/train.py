@@ -19,9 +19,10 @@ from diffusion_lab.config import build_samplers, check_samplers, validate_config
 from diffusion_lab.cli.common import configure_threads
 from diffusion_lab.cli.guard import main_guard
 from diffusion_lab.metrics.gate import QualityGateError
-from diffusion_lab.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files
-from diffusion_lab.training.checkpoints import check_resume_compatible, load_checkpoint, resolve_ckpt_path
-from diffusion_lab.training.resume import FinalCheckpoint, ResumeLearningRate
+from diffusion_lab.training.checkpoint_io import AtomicCheckpointIO, checkpoint_health, remove_stale_temp_files
+from diffusion_lab.training.module import NonFiniteLossError
+from diffusion_lab.training.resume import (FinalCheckpoint, ResumeLearningRate, check_resume_compatible, finished,
+                                           nonfinite_advice, remove_if_bookkeeping, resolve_resume)
 from diffusion_lab.training.run_status import RunStatus
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train one run described by ``cfg``; returns the final logged metrics as floats.
 
-    ``<run folder>/status.json`` records running / completed / failed (with the error) and the wall time.
+    ``<run folder>/status.json`` records running / completed / failed (with the error) and the wall time. Resuming
+    a finished run (its checkpoint at ``trainer.max_steps`` or beyond) trains nothing, logs so and returns ``{}``;
+    the run folder Hydra made for it is removed when it holds nothing but bookkeeping.
     """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -42,11 +45,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("Config: %s (resolved in config.yaml)", _config_summary(cfg))
         log.info(threads)
     try:
-        metrics = _train(cfg, output_dir)
+        metrics = _train(cfg, output_dir, status)
     except BaseException as error:
         if status:
             status.fail(error)
         raise
+    if metrics is None:  # a finished run: nothing was trained
+        if status and remove_if_bookkeeping(output_dir):
+            log.info("Removed the new run folder %s (nothing was trained)", output_dir)
+        return {}
     if status:
         status.finish(metrics)
     return metrics
@@ -68,7 +75,7 @@ def _config_summary(cfg: DictConfig) -> str:
     return f"{groups}; overrides: {' '.join(_task_overrides(cfg)) or '-'}"
 
 
-def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+def _train(cfg: DictConfig, output_dir: Path, status: RunStatus | None = None) -> dict[str, float] | None:
     validate_config(cfg)
     # Resolve first so that a bad interpolation fails now; this is the config the run folder keeps.
     # (Tests compose with the hydra node included; it is Hydra's own business and not part of the run config.)
@@ -92,21 +99,38 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     module.run_config = resolved
     datamodule.check_model(module.net)
 
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, output_dir)
+    resume = resolve_resume(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, output_dir)
+    ckpt_path, start_health = None, None
+    if resume:
+        ckpt_path, checkpoint = str(resume[0]), resume[1]
+        step, max_steps = int(checkpoint["global_step"]), cfg.trainer.get("max_steps")
+        if finished(step, max_steps):
+            log.info("The run is finished: %s is at step %d, trainer.max_steps=%s; nothing to train (raise "
+                     "trainer.max_steps to train on)", ckpt_path, step, max_steps)
+            return None
+        start_health = checkpoint_health(checkpoint)
     callbacks = _instantiate_callbacks(cfg)
-    if ckpt_path:
-        callbacks += _resume_checks(ckpt_path, module, resolved)
+    if resume:
+        callbacks += _resume_checks(ckpt_path, checkpoint, module, resolved)
+        del checkpoint, resume  # Lightning reads the file again; do not hold a second copy while training
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     # AtomicCheckpointIO: every checkpoint is written to a temp file beside it, fsync'ed, then renamed over it.
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks + [FinalCheckpoint()], logger=loggers or False,
-                                     plugins=[AtomicCheckpointIO()])
+    # FinalCheckpoint first: last.ckpt at the final step is written before any callback's end-of-training work.
+    checkpoint_io = AtomicCheckpointIO()
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[FinalCheckpoint()] + callbacks, logger=loggers or False,
+                                     plugins=[checkpoint_io])
     for logger in loggers:  # the resolved config: W&B's run config, TensorBoard's hparams, the CSV's hparams.yaml
         logger.log_hyperparams(resolved)
-    if ckpt_path:
-        log.info("Resuming from %s", ckpt_path)
+    if status:
+        status.training_started()
 
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except NonFiniteLossError as error:  # the advice names the checkpoint from before the blow-up
+        start = (ckpt_path, start_health or module.start_health)
+        lr = (resolved.get("model") or {}).get("optimizer", {}).get("lr")
+        advice = nonfinite_advice(start, checkpoint_io.saved, None if lr is None else float(lr))
+        raise NonFiniteLossError(f"{error.diagnosis} {advice}", error.diagnosis) from None
     finally:
         for logger in loggers:
             logger.finalize("success")
@@ -137,9 +161,8 @@ def _instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in configs.values()]
 
 
-def _resume_checks(ckpt_path: str, module: L.LightningModule, resolved: dict) -> list[L.Callback]:
-    """Before any training: a readable, safe checkpoint of this model config; the learning rate the user asked for."""
-    checkpoint = load_checkpoint(ckpt_path)  # truncated / text / unsafe files fail here with one clear message
+def _resume_checks(ckpt_path: Path, checkpoint: dict, module: L.LightningModule, resolved: dict) -> list[L.Callback]:
+    """Before any training: a checkpoint of this model config; the learning rate the user asked for."""
     check_resume_compatible(checkpoint, module, resolved, ckpt_path)
     remove_stale_temp_files(Path(ckpt_path).parent)
     old = ((checkpoint.get("diffusion_lab") or {}).get("config") or {}).get("model", {}).get("optimizer", {}).get("lr")

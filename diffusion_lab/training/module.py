@@ -78,7 +78,15 @@ class EMAModel(AveragedModel):
 
 
 class NonFiniteLossError(UserError, RuntimeError):
-    """The training loss (or the weights about to be checkpointed) stopped being finite."""
+    """The training loss (or the weights about to be checkpointed) stopped being finite.
+
+    ``diagnosis`` is the message without its advice: ``diffusion-lab-train`` replaces the advice with the exact
+    checkpoint to resume from (:func:`diffusion_lab.training.resume.nonfinite_advice`).
+    """
+
+    def __init__(self, message: str, diagnosis: str | None = None) -> None:
+        super().__init__(message)
+        self.diagnosis = diagnosis or message
 
 
 class DiffusionModule(L.LightningModule):
@@ -124,6 +132,13 @@ class DiffusionModule(L.LightningModule):
         # before every checkpoint instead (a non-finite run still stops, and no checkpoint holds its weights).
         # A plain attribute, not a buffer: DDP would broadcast a buffer from rank 0 at every step.
         self._first_nonfinite_step: Tensor | None = None
+        # The mean loss since the last save, summed on the device (no sync), and the weight norm: recorded in each
+        # checkpoint (``diffusion_lab.health``) so that after a blow-up the advice can name a checkpoint from before
+        # it. ``start_health``: the same at the start of training (the initial or the restored weights).
+        self._loss_sum: Tensor | None = None
+        self._loss_count = 0
+        self._health: dict[str, Any] | None = None
+        self.start_health: dict[str, Any] | None = None
 
     # --- training -------------------------------------------------------------------------------------
     def _is_logging_step(self) -> bool:
@@ -134,12 +149,9 @@ class DiffusionModule(L.LightningModule):
         """Raise :class:`NonFiniteLossError` if any step so far had a non-finite loss (one host sync)."""
         step = -1 if self._first_nonfinite_step is None else int(self._first_nonfinite_step)
         if step >= 0:
-            raise NonFiniteLossError(
-                f"train/loss is not finite at step {step} (detected at step {self.global_step}); the run stopped and "
-                "the last checkpoint was left as it was. Check the data for NaN/inf, or resume with a lower learning "
-                "rate: ckpt_path=last model.optimizer.lr=<lower> (a changed lr replaces the one the checkpoint restores; "
-                "the log says so)."
-            )
+            diagnosis = (f"train/loss is not finite at step {step} (detected at step {self.global_step}); the run "
+                         "stopped, and no checkpoint was written after that step.")
+            raise NonFiniteLossError(f"{diagnosis} Check the data for NaN/inf, or lower model.optimizer.lr.", diagnosis)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         if self.channels_last:
@@ -151,6 +163,9 @@ class DiffusionModule(L.LightningModule):
             self._first_nonfinite_step = torch.tensor(-1, device=loss.device)
         flag = self._first_nonfinite_step
         flag.copy_(torch.where((flag < 0) & ~torch.isfinite(loss.detach()), self.global_step, flag))
+        value = loss.detach().float()
+        self._loss_sum = value if self._loss_sum is None or self._loss_sum.device != value.device else self._loss_sum + value
+        self._loss_count += 1
         self.log("train/loss", loss, prog_bar=True)
         if self._is_logging_step():
             self.check_finite()
@@ -206,12 +221,24 @@ class DiffusionModule(L.LightningModule):
         self.check_finite()
         bad = [name for name, p in self.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
         if bad:
-            raise NonFiniteLossError(
-                f"refusing to checkpoint non-finite weights at step {self.global_step} ({bad[:3]}...); "
-                "the previous checkpoint is left intact"
-            )
+            message = f"refusing to checkpoint non-finite weights at step {self.global_step} ({bad[:3]}...); " \
+                      "the previous checkpoint is left intact."
+            raise NonFiniteLossError(message)
+        if self._health is None or self._health["step"] != self.global_step:  # last.ckpt and step_N: one record
+            loss = (self._loss_sum / self._loss_count).item() if self._loss_count and self._loss_sum is not None else None
+            self._health = self.health(loss)
+            self._loss_sum, self._loss_count = None, 0
         checkpoint["rng_states"] = rng_state()
-        checkpoint["diffusion_lab"] = {"config": self.run_config}
+        checkpoint["diffusion_lab"] = {"config": self.run_config, "health": dict(self._health)}
+
+    @torch.no_grad()
+    def health(self, loss: float | None = None) -> dict[str, Any]:
+        """``{"step", "weight_norm" (global L2 norm of the raw weights), "loss"}``: one host sync."""
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in self.net.parameters()])))
+        return {"step": int(self.global_step), "weight_norm": float(norm), "loss": loss}
+
+    def on_train_start(self) -> None:
+        self.start_health = self.health()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Restoring the RNG makes a resumed run draw the same t, noise and shuffling as an uninterrupted one.

@@ -17,10 +17,11 @@ import torch
 
 from diffusion_lab.cli.train import train
 from diffusion_lab.training import NonFiniteLossError
-from diffusion_lab.training.checkpoint_io import STALL_ENV, TEMP_MARK, save_atomic, temp_files
+from diffusion_lab.training.checkpoint_io import TEMP_MARK, save_atomic, temp_files
 from diffusion_lab.training.checkpoints import load_checkpoint
 from tests.conftest import TINY, poison_loss
 
+ROOT = Path(__file__).resolve().parents[2]  # the stall helper runs as tests.integration.stall_save from here
 QUIET = ["callbacks.sample_grid.every_n_steps=0", "callbacks.sample_grid.on_train_end=false"]
 
 
@@ -50,26 +51,30 @@ def test_atomic_save_replaces_whole_files_and_cleans_up_on_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # and no partial file is left
 
 
-def train_command(run_dir: Path, tmp_path: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "diffusion_lab.cli.train", *TINY, *QUIET, f"hydra.run.dir={run_dir}",
+def train_command(run_dir: Path, tmp_path: Path, *overrides: str, stall: tuple[str, Path] | None = None) -> list[str]:
+    """``diffusion-lab-train``; with ``stall=("last.ckpt:8", marker)`` through tests/integration/stall_save.py."""
+    entry = ["tests.integration.stall_save", stall[0], str(stall[1])] if stall else ["diffusion_lab.cli.train"]
+    return [sys.executable, "-m", *entry, *TINY, *QUIET, f"hydra.run.dir={run_dir}",
             f"paths.log_dir={tmp_path / 'runs'}", f"paths.data_dir={tmp_path / 'data'}", *overrides]
 
 
 def test_sigkill_during_a_checkpoint_save_keeps_the_previous_last_ckpt_and_the_run_resumes(tmp_path):
     """TMPDIR on another filesystem than the run folder (tmpfs /dev/shm vs tmp_path): the save at step 8 writes half of
-    last.ckpt's bytes into its temp file and blocks (the test hook); SIGKILL then; last.ckpt must still be step 4."""
+    last.ckpt's bytes into its temp file and blocks (the patched writer of tests/integration/stall_save.py); SIGKILL
+    then; last.ckpt must still be step 4."""
     shm = Path("/dev/shm")
     if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
         pytest.skip("needs /dev/shm on a different filesystem than the test's temp folder")
     tmpdir = Path(tempfile.mkdtemp(dir=shm))
     run = tmp_path / "runs" / "digits" / "killed"
     common = ["trainer.max_steps=12", "callbacks.model_checkpoint.every_n_train_steps=4"]
-    env = os.environ | {"TMPDIR": str(tmpdir), STALL_ENV: "last.ckpt:8"}
-    proc = subprocess.Popen(train_command(run, tmp_path, *common), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    env = os.environ | {"TMPDIR": str(tmpdir)}
+    marker = tmp_path / "stalled"
+    proc = subprocess.Popen(train_command(run, tmp_path, *common, stall=("last.ckpt:8", marker)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         deadline = time.monotonic() + 300
-        while not list((run / "checkpoints").glob("*.stalled")):
+        while not marker.exists():
             assert proc.poll() is None, f"training ended before the stalled save: {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "the save never stalled"
             time.sleep(0.2)
@@ -80,7 +85,7 @@ def test_sigkill_during_a_checkpoint_save_keeps_the_previous_last_ckpt_and_the_r
             proc.kill()
         shutil_rmtree(tmpdir)
     assert proc.returncode == -signal.SIGKILL
-    partial = [p for p in temp_files(run / "checkpoints") if not p.name.endswith(".stalled")]
+    partial = temp_files(run / "checkpoints")
     assert len(partial) == 1 and partial[0].name.startswith(f"last.ckpt{TEMP_MARK}")
     assert 0 < partial[0].stat().st_size < (run / "checkpoints" / "step_0000008.ckpt").stat().st_size
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4  # intact, and the older state
@@ -105,12 +110,13 @@ def read_column(run_dir: Path, column: str) -> dict[int, float]:
 
 
 def test_a_new_learning_rate_on_resume_replaces_the_restored_one(compose_cfg, monkeypatch, tmp_path, caplog):
-    """The non-finite-loss advice: resume with ckpt_path=last model.optimizer.lr=<lower>; the lower lr is used."""
+    """The non-finite-loss advice: resume from the step-4 checkpoint with model.optimizer.lr=<a tenth>; it is used."""
     poison_loss(monkeypatch, at_call=7)
     common = ["trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=4",
               "model.lr_scheduler.warmup_steps=10"] + QUIET
     first = compose_cfg(common + ["trainer.max_steps=12"], run_dir=tmp_path / "runs" / "digits" / "first")
-    with pytest.raises(NonFiniteLossError, match=r"ckpt_path=last model\.optimizer\.lr=<lower>"):
+    with pytest.raises(NonFiniteLossError, match=r"ckpt_path=\S+/first/checkpoints/step_0000004\.ckpt "
+                                                 r"model\.optimizer\.lr=0\.0001 "):
         train(first)
     monkeypatch.undo()  # the healthy loss again for the resumed run
 

@@ -141,10 +141,10 @@ def test_count_due_is_the_count_of_scheduled_steps(every, at, after, until):
 
 def test_sampling_clock_measures_seconds_per_evaluation(monkeypatch):
     """Runs of 2.5 s for 100 evaluations and 0.5 s for 20 (a stubbed clock): 3 s over 120, 0.025 s each."""
-    import diffusion_lab.callbacks.progress as progress
+    import diffusion_lab.callbacks.eta as eta
 
     ticks = iter([10.0, 12.5, 20.0, 20.5])
-    monkeypatch.setattr(progress, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(eta, "perf_counter", lambda: next(ticks))
     clock = SamplingClock()
     assert clock.seconds_per_evaluation is None
     with clock.measure(100):

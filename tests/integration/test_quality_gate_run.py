@@ -68,8 +68,8 @@ def test_bad_gate_extra_or_nested_sampler_settings_fail_at_start_up_in_one_line(
          "callbacks.fid.gate bounds ['val/fid_ddim50', 'val/fid_ddim50_digits-pixels'], but this callback logs only"),
         # a nested sampler's bad setting, found before training (not at the first evaluation)
         ("+callbacks.fid.extra_samplers.ddim50.spacing=logsrn",
-         "callbacks.fid.extra_samplers.ddim50: unknown timestep spacing 'logsrn'"),
-        ("+callbacks.fid.sampler.spacing=logsrn", "callbacks.fid.sampler: unknown timestep spacing 'logsrn'"),
+         "callbacks.fid.extra_samplers.ddim50.spacing='logsrn' is not allowed; allowed values: uniform, leading,"),
+        ("+callbacks.fid.sampler.spacing=logsrn", "callbacks.fid.sampler.spacing='logsrn' is not allowed; allowed values: uniform, leading,"),
         ("callbacks.fid.extra_extractors=[digits-mlp]", "unknown feature extractor(s) ['digits-mlp']"),
     ]:
         result = subprocess.run([*base, override], capture_output=True, text=True, timeout=300)

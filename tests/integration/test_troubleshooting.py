@@ -77,7 +77,9 @@ def files(digits_checkpoint, tmp_path_factory) -> dict[str, Path]:
               "pipeline with sample_size 16 for 8x8 weights": "sample_size_not_trained",
               "pipeline with in_channels 3 for 1-channel weights": "in_channels"}
     paths = {"checkpoint": digits_checkpoint, "text file": text, "random bytes": noise, "truncated checkpoint": cut,
-             "pickle checkpoint": payload, "foreign checkpoint": foreign, "missing file": root / "missing.ckpt"}
+             "pickle checkpoint": payload, "foreign checkpoint": foreign, "missing file": root / "missing.ckpt",
+             "empty folder": root / "empty_run"}
+    paths["empty folder"].mkdir()
     for name, case in broken.items():
         folder = root / case
         folder.mkdir()

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from diffusion_lab.diffusion.denoiser import net_output_channels
 from diffusion_lab.diffusion.gaussian import LEARNED_SIMPLE_MESSAGE
 from diffusion_lab.errors import ConfigError
 
@@ -104,7 +105,7 @@ def check_out_channels(cfg: DictConfig) -> None:
     out = OmegaConf.select(cfg, "model.net.out_channels", default=None)
     if channels is None or variance is None or out is None:
         return
-    want = 2 * int(channels) if variance == "learned_range" else int(channels)
+    want = net_output_channels(channels, variance)
     if int(out) != want:
         raise ConfigError(
             f"model.net.out_channels={out} but data.channels={channels} with diffusion.variance={variance} needs "

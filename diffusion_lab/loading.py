@@ -87,14 +87,14 @@ class SamplingNet(nn.Module):
         self.config = getattr(net, "config", None)
         self._warned = False
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, *class_labels: Tensor) -> Tensor:
         if self.dtype is None:
-            return self.forward_fn(x, t).to(x.dtype)
+            return self.forward_fn(x, t, *class_labels).to(x.dtype)
         if x.device.type == "cpu" and not self._warned:
             self._warned = True
             warn_slow_cpu_autocast(self.dtype)
         with torch.autocast(device_type=x.device.type, dtype=self.dtype):
-            out = self.forward_fn(x, t)
+            out = self.forward_fn(x, t, *class_labels)
         return out.to(x.dtype)
 
 

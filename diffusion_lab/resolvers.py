@@ -33,8 +33,10 @@ def run_name(task_name: str) -> str:
 
 def net_out_channels(data_channels: int, variance: str) -> int:
     """``${net_out_channels:${data.channels},${diffusion.variance}}``: C, or 2C for a learned variance (the mean
-    part and v of Improved DDPM eq. 15)."""
-    return 2 * int(data_channels) if variance == "learned_range" else int(data_channels)
+    part and v of Improved DDPM eq. 15), from the denoiser's one function."""
+    from diffusion_lab.diffusion.denoiser import net_output_channels
+
+    return net_output_channels(data_channels, variance)
 
 
 for _name, _resolver in (("run_group", run_group), ("run_name", run_name), ("net_out_channels", net_out_channels)):

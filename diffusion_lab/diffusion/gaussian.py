@@ -1,28 +1,32 @@
-"""The Gaussian forward process of DDPM (Ho et al. 2020) and its training loss.
+"""The Gaussian forward process of DDPM (Ho et al. 2020): schedule, q_sample, posterior, conversions, VB terms.
 
 Symbols (paper -> code): beta_t -> ``betas``, alpha_t = 1 - beta_t -> ``alphas``,
 alpha-bar_t = prod_{s<=t} alpha_s -> ``alphas_cumprod``, beta-tilde_t -> ``posterior_variance``.
 Timesteps are 0-based: t in [0, T), so the paper's t = 1 is index 0 here.
 
-The object holds no trainable parameters: the network is passed to :meth:`GaussianDiffusion.loss`.
-With ``variance="learned_range"`` the network outputs 2C channels: the mean parameterisation, then v with
-log Sigma = frac log beta_t + (1 - frac) log beta-tilde_t, frac = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15,
-improved-diffusion's LEARNED_RANGE); every sampler reads the output through :meth:`split_output`.
+The object holds no trainable parameters and never calls a network: the denoiser
+(:mod:`diffusion_lab.diffusion.denoiser`) decodes the network's output into a Prediction (x0, eps and, with
+``variance="learned_range"``, v with log Sigma = frac log beta_t + (1 - frac) log beta-tilde_t, frac = (v + 1) / 2,
+Nichol & Dhariwal 2021 eq. 15), and the objectives (:mod:`diffusion_lab.diffusion.losses`) train on it. The
+``loss`` / ``loss_weighting`` / ``min_snr_gamma`` settings are kept here as the record of which objective a run
+trains (:func:`~diffusion_lab.diffusion.losses.objective_for`), so every checkpoint's config still names it.
 The schedule is kept in float64 registered buffers (moved by ``.to(device)``, saved in checkpoints) and
 each lookup is cast to the dtype of the tensor it multiplies, as the original code did with numpy.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lab.diffusion.likelihood import LOG2, discretized_gaussian_log_likelihood, mean_over_dims, normal_kl
 from diffusion_lab.diffusion.schedules import Schedule, make_betas
 from diffusion_lab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from diffusion_lab.diffusion.denoiser import Prediction
 
 # The allowed values, once: the constructors' annotations; the config check reads them from the signatures.
 PredictionType = Literal["eps", "x0", "v"]
@@ -39,8 +43,6 @@ LEARNED_SIMPLE_MESSAGE = ("diffusion.variance=learned_range needs a loss that tr
                           "no gradient; use diffusion.loss=hybrid (Improved DDPM) or diffusion.loss=vlb")
 # Improved DDPM's lambda for L_hybrid = L_simple + lambda L_vlb (section 3.1).
 HYBRID_LAMBDA = 0.001
-
-NetFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def extract(buffer: Tensor, t: Tensor, like: Tensor) -> Tensor:
@@ -158,49 +160,6 @@ class GaussianDiffusion(nn.Module):
     def learned_variance(self) -> bool:
         return self.variance == "learned_range"
 
-    def output_channels(self, data_channels: int) -> int:
-        """The channels the network must output for images with ``data_channels`` channels (2C when learned)."""
-        return 2 * data_channels if self.learned_variance else data_channels
-
-    def split_output(self, model_output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(mean part, v or None): a 2C-channel output of a learned-variance net is split; C channels pass through.
-
-        Every sampler reads the network through :meth:`predict_x0_eps`, which calls this, so DDIM and DPM-Solver
-        use only the mean part of a learned-variance model.
-        """
-        channels, got = x_t.shape[1], model_output.shape[1]
-        want = self.output_channels(channels)
-        if got != want:
-            fix = (f"set model.net.out_channels={want} (learned_range: the mean part and v)" if self.learned_variance
-                   else f"set model.net.out_channels={want}, or diffusion.variance=learned_range for a 2C-channel net")
-            raise ValueError(f"the network returned {got} channels for {channels}-channel images with "
-                             f"diffusion.variance={self.variance}, which needs {want}; {fix}")
-        if not self.learned_variance:
-            return model_output, None
-        mean_part, v = model_output.split(channels, dim=1)
-        return mean_part, v
-
-    def predict_x0_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_x0: bool = False) -> tuple[Tensor, Tensor]:
-        """(x0, eps) implied by the network's output under ``prediction_type``.
-
-        With ``clip_x0`` the predicted x0 is clipped to [-1, 1] and eps is recomputed from the clipped x0,
-        so that both describe the same point (diffusers' ``use_clipped_model_output``).
-        """
-        model_output = self.split_output(model_output, x_t)[0]
-        if self.prediction_type == "eps":
-            eps = model_output
-            x0 = self.x0_from_eps(x_t, t, eps)
-        elif self.prediction_type == "x0":
-            x0 = model_output
-            eps = self.eps_from_x0(x_t, t, x0)
-        else:
-            x0 = self.x0_from_v(x_t, t, model_output)
-            eps = self.eps_from_v(x_t, t, model_output)
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = self.eps_from_x0(x_t, t, x0)
-        return x0, eps
-
     # --- posterior q(x_{t-1} | x_t, x_0) ------------------------------------------------------------------
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance beta-tilde_t and clipped log-variance of q(x_{t-1} | x_t, x_0)  (Ho et al. eqs. 6-7)."""
@@ -226,19 +185,18 @@ class GaussianDiffusion(nn.Module):
         raise ConfigError(f"variance={variance!r} is not allowed; allowed values: {', '.join(VARIANCES)}")
 
     def p_mean_variance(
-        self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_x0: bool = False, variance: str | None = None
+        self, prediction: "Prediction", x_t: Tensor, t: Tensor, clip_x0: bool = False, variance: str | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, log-variance and predicted x_0 of p(x_{t-1} | x_t) from the network output (Ho et al. eq. 11
+        """Mean, log-variance and predicted x_0 of p(x_{t-1} | x_t) from the denoiser's prediction (Ho et al. eq. 11
         through the posterior mean of eq. 7), with this diffusion's variance or the fixed one named."""
-        v = self.split_output(model_output, x_t)[1]
-        x0, _ = self.predict_x0_eps(model_output, x_t, t, clip_x0=clip_x0)
+        x0 = prediction.x0.clamp(-1, 1) if clip_x0 else prediction.x0
         mean, _, _ = self.q_posterior(x0, x_t, t)
-        return mean, self.reverse_log_variance(t, x_t, variance=variance, v=v), x0
+        return mean, self.reverse_log_variance(t, x_t, variance=variance, v=prediction.v), x0
 
     # --- the variational bound (Ho et al. eq. 5), in bits per dimension -----------------------------------
     def vb_terms(
         self,
-        model_output: Tensor,
+        prediction: "Prediction",
         x0: Tensor,
         x_t: Tensor,
         t: Tensor,
@@ -254,7 +212,7 @@ class GaussianDiffusion(nn.Module):
         """
         levels = quantization_levels or self.quantization_levels
         true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
-        mean, log_var, _ = self.p_mean_variance(model_output, x_t, t, clip_x0=clip_x0, variance=variance)
+        mean, log_var, _ = self.p_mean_variance(prediction, x_t, t, clip_x0=clip_x0, variance=variance)
         terms = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
         decoder = t == 0
         if (~decoder).any():
@@ -271,58 +229,6 @@ class GaussianDiffusion(nn.Module):
         mean, var = self.q_mean_variance(x0.double(), t)
         kl = normal_kl(mean, var.log().expand_as(mean), torch.zeros_like(mean), torch.zeros_like(mean))
         return (mean_over_dims(kl) / LOG2).to(x0.dtype)
-
-    # --- training objective ---------------------------------------------------------------------------
-    def training_target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        if self.prediction_type == "eps":
-            return noise
-        if self.prediction_type == "x0":
-            return x0
-        return self.v_from_x0_eps(x0, t, noise)
-
-    def loss_weight(self, t: Tensor) -> Tensor:
-        """Per-example weight. ``min_snr``: Hang et al. 2023, min(SNR, gamma) expressed for each target."""
-        if self.loss_weighting == "none":
-            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
-        snr = self.snr[t]
-        clipped = snr.clamp(max=self.min_snr_gamma)
-        if self.prediction_type == "eps":
-            weight = clipped / snr.clamp(min=1e-20)
-        elif self.prediction_type == "x0":
-            weight = clipped
-        else:
-            weight = clipped / (snr + 1)
-        return weight.float()
-
-    def loss(self, net: NetFn, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """The per-example training loss at t ~ U{0, ..., T-1}; returns ``(per_example_loss, t)``.
-
-        - ``simple``: L_simple (Ho et al. eq. 14), the MSE between the target and the mean part of net(x_t, t).
-        - ``vlb``: T * L_{t-1} in bits/dim, an unbiased estimate of the bound minus its constant L_T
-          (improved-diffusion's RESCALED_KL); gradients reach mean and variance.
-        - ``hybrid``: L_simple + lambda T * L_{t-1} with lambda = 0.001 and the mean stop-gradiented inside the
-          vlb term (Nichol & Dhariwal 2021, section 3.1). T * 0.001 is improved-diffusion's ``num_timesteps /
-          1000`` factor on its bits/dim vb term, so the weight of the variance relative to the MSE is theirs.
-        """
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        x_t = self.q_sample(x0, t, noise)
-        output = net(x_t, t)
-        if output.shape[0] != x0.shape[0] or output.shape[2:] != x0.shape[2:]:
-            raise ValueError(f"the network returned shape {tuple(output.shape)} for input {tuple(x0.shape)}")
-        mean_part, v = self.split_output(output, x_t)
-        if v is not None and self.loss_type == "simple":  # checked here: sampling-only objects may say "simple"
-            raise ConfigError(LEARNED_SIMPLE_MESSAGE)
-        if self.loss_type == "vlb":
-            return self.num_timesteps * self.vb_terms(output.float(), x0, x_t, t), t
-        target = self.training_target(x0, t, noise)
-        per_example = F.mse_loss(mean_part.float(), target.float(), reduction="none").flatten(1).mean(1)
-        per_example = per_example * self.loss_weight(t)
-        if self.loss_type == "hybrid":
-            assert v is not None  # checked in __init__: hybrid needs learned_range
-            frozen = torch.cat([mean_part.detach(), v], dim=1).float()
-            per_example = per_example + HYBRID_LAMBDA * self.num_timesteps * self.vb_terms(frozen, x0, x_t, t)
-        return per_example, t
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # Every buffer is a function of the constructor's arguments. A checkpoint written before a buffer was added

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from diffusion_lab.diffusion.denoiser import Condition, as_denoiser
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.errors import UserError
 from diffusion_lab.samplers.noise import Noise
@@ -58,6 +59,7 @@ def bits_per_dim(
     clip_denoised: bool = True,
     device: torch.device | str = "cpu",
     progress: Callable[[int], Any] | None = None,
+    cond: Condition | None = None,
 ) -> BPDResult:
     """The full bound for each of ``images`` (in [-1, 1], (N, C, H, W)), with T network calls per image.
 
@@ -69,6 +71,8 @@ def bits_per_dim(
     indices = list(range(len(images))) if indices is None else list(indices)
     if len(indices) != len(images):
         raise ValueError(f"{len(indices)} indices for {len(images)} images")
+    denoiser = as_denoiser(net, diffusion)  # the network is read only through the denoiser
+    net, diffusion = denoiser.net, denoiser.diffusion
     T = diffusion.num_timesteps
     was_training = getattr(net, "training", False)
     if isinstance(net, nn.Module):
@@ -83,8 +87,8 @@ def bits_per_dim(
             for t in reversed(range(T)):  # the order of noise draws: part of the (seed, index) contract
                 t_batch = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
                 x_t = diffusion.q_sample(x0, t_batch, noise())
-                out = net(x_t, t_batch)
-                terms[:, t] = diffusion.vb_terms(out.float(), x0, x_t, t_batch, clip_x0=clip_denoised,
+                prediction = denoiser(x_t, t_batch, cond[first:first + batch_size] if cond is not None else None)
+                terms[:, t] = diffusion.vb_terms(prediction, x0, x_t, t_batch, clip_x0=clip_denoised,
                                                  variance=variance, quantization_levels=quantization_levels).cpu()
             prior = diffusion.prior_bpd(x0.double()).cpu()
             priors.append(prior)

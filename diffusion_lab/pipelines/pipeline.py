@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_lab.diffusion.denoiser import Condition, Denoiser, net_output_channels
 from diffusion_lab.errors import CheckpointNotFoundError, UserError
 from diffusion_lab.nets.unet import UNet
 from diffusion_lab.pipelines.diffusers_format import DIFFUSERS_VERSION, FormatError, load_unet, read_json, save_unet
@@ -45,7 +46,7 @@ class DiffusionPipeline:
 
     def __init__(self, unet: UNet, scheduler: SchedulerConfig) -> None:
         channels, out = unet.config.in_channels, unet.config.out_channels
-        want = 2 * channels if scheduler.variance_type == "learned_range" else channels
+        want = net_output_channels(channels, scheduler.variance_type)
         if out != want:  # else the first sampling step fails, far from the cause
             fix = ("a U-Net with out_channels = 2 x in_channels (the mean and the v of the learned variance), or "
                    "variance_type fixed_large or fixed_small" if want > channels
@@ -130,11 +131,37 @@ class DiffusionPipeline:
             raise PipelineArgumentError(f"num_inference_steps={num_inference_steps!r} must be an int from 1 to "
                                         f"{steps} (the scheduler's num_train_timesteps)")
 
+    def _condition(self, batch_size: int, class_labels: Sequence[int] | torch.Tensor | None,
+                   guidance_scale: float) -> tuple[int, Condition | None]:
+        """(batch size, condition): with ``class_labels`` (one per image, as diffusers' DiTPipeline) the batch is
+        one image per label; ``guidance_scale`` 1 is the conditional model alone, > 1 guided, 0 unconditional."""
+        num_classes = getattr(self.unet.config, "num_classes", None)
+        if class_labels is None:
+            if guidance_scale != 1:
+                raise PipelineArgumentError(f"guidance_scale={guidance_scale!r} needs class_labels=[...] to guide "
+                                            "towards")
+            return batch_size, None
+        if num_classes is None:
+            raise PipelineArgumentError("class_labels were given, but this U-Net is unconditional (built without "
+                                        "num_classes); call the pipeline without class_labels")
+        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+        if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes:
+            raise PipelineArgumentError(f"class_labels must be class indices from 0 to {num_classes - 1}, got "
+                                        f"{labels.tolist()}")
+        if batch_size not in (1, len(labels)):
+            raise PipelineArgumentError(f"batch_size={batch_size} with {len(labels)} class_labels: one image is drawn "
+                                        "per label; leave batch_size out")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 0:
+            raise PipelineArgumentError(f"guidance_scale={guidance_scale!r} must be a number >= 0 (1: the "
+                                        "conditional model alone, > 1: guided)")
+        return len(labels), Condition(labels, float(guidance_scale))
+
     def _generate(self, sampler: Sampler, batch_size: int, generator: Generators, output_type: str,
-                  return_dict: bool) -> ImagePipelineOutput | tuple:
+                  return_dict: bool, cond: Condition | None = None) -> ImagePipelineOutput | tuple:
         cfg = self.unet.config
         shape = (batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
-        images = sampler.sample(self.unet, self.diffusion, shape, generator=generator, device=self.device)
+        images = sampler.sample(Denoiser(self.unet, self.diffusion), None, shape, generator=generator,
+                                device=self.device, cond=cond)
         images = (images / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             out: Any = images
@@ -158,12 +185,14 @@ class DDPMPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator: Generators = None, num_inference_steps: int = 1000,
-                 output_type: str = "pil", return_dict: bool = True) -> ImagePipelineOutput | tuple:
+                 output_type: str = "pil", return_dict: bool = True, class_labels: Sequence[int] | None = None,
+                 guidance_scale: float = 1.0) -> ImagePipelineOutput | tuple:
+        batch_size, cond = self._condition(batch_size, class_labels, guidance_scale)
         self._check_call(batch_size, generator, num_inference_steps, output_type)
         sampler = DDPMSampler(num_steps=num_inference_steps, spacing=self.scheduler.timestep_spacing,
                               variance=self.scheduler.variance_type, clip_denoised=self.scheduler.clip_sample,
                               progress=True)
-        return self._generate(sampler, batch_size, generator, output_type, return_dict)
+        return self._generate(sampler, batch_size, generator, output_type, return_dict, cond)
 
 
 class DDIMPipeline(DiffusionPipeline):
@@ -174,11 +203,13 @@ class DDIMPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator: Generators = None, eta: float = 0.0,
                  num_inference_steps: int = 50, use_clipped_model_output: bool | None = None,
-                 output_type: str = "pil", return_dict: bool = True) -> ImagePipelineOutput | tuple:
+                 output_type: str = "pil", return_dict: bool = True, class_labels: Sequence[int] | None = None,
+                 guidance_scale: float = 1.0) -> ImagePipelineOutput | tuple:
+        batch_size, cond = self._condition(batch_size, class_labels, guidance_scale)
         self._check_call(batch_size, generator, num_inference_steps, output_type)
         if not isinstance(eta, (int, float)) or not eta >= 0:
             raise PipelineArgumentError(f"eta={eta!r} must be a number >= 0 (0: deterministic DDIM, 1: DDPM-like)")
         sampler = DDIMSampler(num_steps=num_inference_steps, spacing=self.scheduler.timestep_spacing, eta=eta,
                               clip_denoised=self.scheduler.clip_sample,
                               use_clipped_model_output=bool(use_clipped_model_output), progress=True)
-        return self._generate(sampler, batch_size, generator, output_type, return_dict)
+        return self._generate(sampler, batch_size, generator, output_type, return_dict, cond)

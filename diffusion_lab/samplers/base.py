@@ -6,14 +6,14 @@ import dataclasses
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from diffusion_lab.diffusion.denoiser import Condition, Denoiser, as_denoiser
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.samplers.noise import Noise
 from diffusion_lab.samplers.timesteps import SPACINGS, Spacing, timesteps
 
-NetFn = Callable[[Tensor, Tensor], Tensor]
 NoiseFn = Callable[[], Tensor]
 
 
@@ -22,7 +22,8 @@ class Sampler:
     """Base class: a frozen dataclass whose fields are the sampler's whole config. Stateless between calls.
 
     Subclasses implement :meth:`step` (one move from ``t`` to the previous visited timestep ``t_prev``,
-    -1 after the last) or override :meth:`run` when a step needs more than the current state.
+    -1 after the last) or override :meth:`run` when a step needs more than the current state. Both read the
+    network only as ``denoiser(x, t, cond, clip_x0=...) -> Prediction`` (x0, eps, and v of a learned variance).
 
     A bad field fails in the constructor (:class:`ConfigError`); what depends on the model (num_steps <= T, a
     learned variance) fails in :meth:`check`, which every command calls at start-up for every sampler it will use.
@@ -60,10 +61,11 @@ class Sampler:
     @torch.no_grad()
     def sample(
         self,
-        net: NetFn,
-        diffusion: GaussianDiffusion,
+        net: nn.Module | Denoiser,
+        diffusion: GaussianDiffusion | None,
         shape: Sequence[int],
         *,
+        cond: Condition | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         seed: int | None = None,
         indices: Sequence[int] | None = None,
@@ -72,21 +74,26 @@ class Sampler:
     ) -> Tensor:
         """Draw ``shape`` samples, starting from x_T ~ N(0, I) (or the given ``x_T``).
 
-        Randomness comes from ``generator`` (or a list of them, one per image), or with ``seed`` from per-image generators seeded by
-        (seed, indices[k]) so that image k is the same in any batch (indices default to 0..B-1).
+        ``net`` is a :class:`~diffusion_lab.diffusion.denoiser.Denoiser` (``diffusion`` may then be None) or a plain
+        net, which is wrapped in one with ``diffusion``: samplers read the network only through the denoiser.
+        ``cond`` (class labels, one per image, and a guidance scale) goes to every network evaluation.
+        Randomness comes from ``generator`` (or a list of them, one per image), or with ``seed`` from per-image
+        generators seeded by (seed, indices[k]) so that image k is the same in any batch (indices default to 0..B-1).
         """
-        device = torch.device(device) if device is not None else diffusion.betas.device
+        denoiser = as_denoiser(net, diffusion)
+        device = torch.device(device) if device is not None else denoiser.diffusion.betas.device
         noise = Noise(shape, device, generator=generator, seed=seed, indices=indices)
         x = noise() if x_T is None else x_T.to(device)
-        return self.run(net, diffusion, x, noise)
+        return self.run(denoiser, x, noise, cond=cond.to(device) if cond is not None else None)
 
-    def run(self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, noise: NoiseFn) -> Tensor:
-        steps = self.visited(diffusion)
+    def run(self, denoiser: Denoiser, x: Tensor, noise: NoiseFn, cond: Condition | None = None) -> Tensor:
+        steps = self.visited(denoiser.diffusion)
         for t, t_prev in self._progress(list(zip(steps, steps[1:] + [-1]))):
-            x = self.step(net, diffusion, x, t, t_prev, noise)
+            x = self.step(denoiser, x, t, t_prev, noise, cond)
         return x
 
-    def step(self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, t: int, t_prev: int, noise: NoiseFn) -> Tensor:
+    def step(self, denoiser: Denoiser, x: Tensor, t: int, t_prev: int, noise: NoiseFn,
+             cond: Condition | None = None) -> Tensor:
         raise NotImplementedError
 
     def _progress(self, items: list) -> list:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from diffusion_lab.diffusion.denoiser import Condition, Denoiser, as_denoiser
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.samplers.base import NetFn, NoiseFn, Sampler
+from diffusion_lab.samplers.base import NoiseFn, Sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,14 +32,14 @@ class DDIMSampler(Sampler):
         if not self.eta >= 0:  # also NaN
             raise ConfigError(f"eta={self.eta}: eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
 
-    def step(
-        self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, t: int, t_prev: int, noise: NoiseFn
-    ) -> Tensor:
-        t_batch = self._t(x, t)
+    def step(self, denoiser: Denoiser, x: Tensor, t: int, t_prev: int, noise: NoiseFn,
+             cond: Condition | None = None) -> Tensor:
+        diffusion, t_batch = denoiser.diffusion, self._t(x, t)
         # 1. alpha-bars of this and the previous visited step (alpha-bar = 1 after the last step)
         a_t, a_prev = self._alpha_bars(diffusion, t, t_prev, x)
         # 2. "predicted x_0" of eq. 12 from the network output, optionally clipped
-        x0, eps = diffusion.predict_x0_eps(net(x, t_batch), x, t_batch)
+        prediction = denoiser(x, t_batch, cond)
+        x0, eps = prediction.x0, prediction.eps
         if self.clip_denoised:
             x0 = x0.clamp(-1, 1)
             if self.use_clipped_model_output:
@@ -52,18 +53,20 @@ class DDIMSampler(Sampler):
         return x_prev
 
     @torch.no_grad()
-    def invert(self, net: NetFn, diffusion: GaussianDiffusion, x0: Tensor) -> Tensor:
+    def invert(self, net: nn.Module | Denoiser, diffusion: GaussianDiffusion | None, x0: Tensor,
+               cond: Condition | None = None) -> Tensor:
         """x_0 -> x_T along the deterministic DDIM ODE (eta = 0), visiting this sampler's timesteps upwards.
 
         Each step reuses eq. 12 with the roles of t and t_prev swapped, evaluating eps at the lower timestep
         (the DDIM paper's §5.4 encoding; for the first step, at the smallest visited timestep).
         """
-        steps = self.visited(diffusion)[::-1]  # ascending
+        denoiser = as_denoiser(net, diffusion)
+        steps = self.visited(denoiser.diffusion)[::-1]  # ascending
         x = x0
         for t_from, t_to in self._progress(list(zip([-1] + steps[:-1], steps))):
             t_eval = self._t(x, max(t_from, steps[0]))
-            a_to, a_from = self._alpha_bars(diffusion, t_to, t_from, x)
-            eps = diffusion.predict_x0_eps(net(x, t_eval), x, t_eval)[1]
+            a_to, a_from = self._alpha_bars(denoiser.diffusion, t_to, t_from, x)
+            eps = denoiser(x, t_eval, cond).eps
             x0_hat = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
             x = a_to.sqrt() * x0_hat + (1 - a_to).sqrt() * eps
         return x

@@ -7,9 +7,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion.gaussian import VARIANCES, GaussianDiffusion, Variance, interpolate_log_variance
+from diffusion_lab.diffusion.denoiser import Condition, Denoiser
+from diffusion_lab.diffusion.gaussian import VARIANCES, GaussianDiffusion, Variance
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.samplers.base import NetFn, NoiseFn, Sampler
+from diffusion_lab.samplers.base import NoiseFn, Sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +44,15 @@ class DDPMSampler(Sampler):
         return ("variance=learned_range needs a learned-variance model (diffusion.variance=learned_range, "
                 f"2C output channels); this one has a fixed variance: use variance={diffusion.variance}")
 
-    def step(
-        self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, t: int, t_prev: int, noise: NoiseFn
-    ) -> Tensor:
-        t_batch = self._t(x, t)
+    def step(self, denoiser: Denoiser, x: Tensor, t: int, t_prev: int, noise: NoiseFn,
+             cond: Condition | None = None) -> Tensor:
+        diffusion, t_batch = denoiser.diffusion, self._t(x, t)
         # 1. alpha-bars of this and the previous visited step, and the respaced beta'_t
         a_t, a_prev = self._alpha_bars(diffusion, t, t_prev, x)
         beta = 1 - a_t / a_prev
         # 2. predicted x_0 from the network output (eq. 15), optionally clipped
-        output = net(x, t_batch)
-        x0, _ = diffusion.predict_x0_eps(output, x, t_batch, clip_x0=self.clip_denoised)
+        prediction = denoiser(x, t_batch, cond, clip_x0=self.clip_denoised)
+        x0 = prediction.x0
         # 3. posterior mean mu-tilde(x_t, x_0) (eq. 7)
         mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x
         if t_prev < 0:
@@ -63,8 +63,7 @@ class DDPMSampler(Sampler):
             return mean + beta.sqrt() * noise()
         if self.variance == "fixed_small":
             return mean + beta_tilde.sqrt() * noise()
-        v = diffusion.split_output(output, x)[1]
-        if v is None:
+        if prediction.v is None:
             raise ConfigError(self._fixed_model_message(diffusion))
-        log_var = interpolate_log_variance(v, beta.log(), beta_tilde.log())
+        log_var = prediction.log_variance(beta.log(), beta_tilde.log())
         return mean + torch.exp(0.5 * log_var) * noise()

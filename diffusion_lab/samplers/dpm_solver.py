@@ -7,8 +7,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion.gaussian import GaussianDiffusion
-from diffusion_lab.samplers.base import NetFn, NoiseFn, Sampler
+from diffusion_lab.diffusion.denoiser import Condition, Denoiser
+from diffusion_lab.samplers.base import NoiseFn, Sampler
 from diffusion_lab.samplers.timesteps import Spacing
 
 
@@ -30,7 +30,8 @@ class DPMSolverSampler(Sampler):
     clip_denoised: bool = False  # the ODE solver as published; True clips each x0 prediction to [-1, 1]
     name = "dpm_solver"
 
-    def run(self, net: NetFn, diffusion: GaussianDiffusion, x: Tensor, noise: NoiseFn) -> Tensor:
+    def run(self, denoiser: Denoiser, x: Tensor, noise: NoiseFn, cond: Condition | None = None) -> Tensor:
+        diffusion = denoiser.diffusion
         steps = self.visited(diffusion)
         ac = diffusion.alphas_cumprod.to(x.dtype)
         alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
@@ -40,7 +41,7 @@ class DPMSolverSampler(Sampler):
         for i in self._progress(list(range(len(steps)))):
             t = steps[i]
             # 1. data prediction D_i at the current timestep
-            x0 = diffusion.predict_x0_eps(net(x, self._t(x, t)), x, self._t(x, t), clip_x0=self.clip_denoised)[0]
+            x0 = denoiser(x, self._t(x, t), cond, clip_x0=self.clip_denoised).x0
             if i == len(steps) - 1:
                 return x0  # 4. sigma_next = 0: the update reduces to x = D_i (first order)
             s = steps[i + 1]

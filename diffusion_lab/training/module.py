@@ -9,7 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from diffusion_lab.diffusion.denoiser import Condition, Denoiser
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.diffusion.losses import Objective, objective_for
 from diffusion_lab.errors import ConfigError, UserError
 from diffusion_lab.samplers.base import Sampler
 from diffusion_lab.training.rng import rng_state, set_rng_state
@@ -110,8 +112,13 @@ class DiffusionModule(L.LightningModule):
         ema_start_step: int = 0,
         compile: bool = False,
         channels_last: bool = False,
+        objective: Objective | None = None,
+        p_uncond: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= p_uncond < 1.0:
+            raise ConfigError(f"model.p_uncond={p_uncond}: the probability of training on the null class must be in "
+                              "[0, 1) (0.1-0.2 for classifier-free guidance, Ho & Salimans 2022)")
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError(f"model.ema_decay={ema_decay}: the EMA decay must be in [0, 1) (0.9999 in DDPM; 0.999 "
                               "for short runs)")
@@ -126,6 +133,10 @@ class DiffusionModule(L.LightningModule):
         self.ema.requires_grad_(False)
         # A compiled view of the raw net for training; kept out of the module tree so state_dict keys stay clean.
         self.__dict__["_train_net"] = torch.compile(net) if compile else net
+        # The objective (default: the one diffusion.loss names) reads the net only through the denoiser.
+        self.objective = objective if objective is not None else objective_for(diffusion)
+        self.train_denoiser = Denoiser(self._train_net, diffusion)  # a plain object: adds no state_dict keys
+        self.num_classes, self.p_uncond = self.train_denoiser.num_classes, p_uncond
         self.run_config: dict | None = None  # the resolved Hydra config, stored in every checkpoint
         # The first step whose loss was not finite (-1: none), kept on the device: a per-step `if not
         # isfinite(loss)` would stall a GPU on a host sync every step, so the flag is read on logging steps and
@@ -153,10 +164,11 @@ class DiffusionModule(L.LightningModule):
                          "stopped, and no checkpoint was written after that step.")
             raise NonFiniteLossError(f"{diagnosis} Check the data for NaN/inf, or lower model.optimizer.lr.", diagnosis)
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Tensor | tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
         if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        per_example, t = self.diffusion.loss(self._train_net, batch)
+            images = images.contiguous(memory_format=torch.channels_last)
+        per_example, t = self.objective(self.train_denoiser, images, self.condition(labels))
         loss = per_example.mean()
         # Record the first non-finite step on the device (no sync); read it on logging steps.
         if self._first_nonfinite_step is None or self._first_nonfinite_step.device != loss.device:
@@ -178,6 +190,21 @@ class DiffusionModule(L.LightningModule):
             for q in range(4):
                 self.log(f"train/loss_q{q}", means[q])
         return loss
+
+    def condition(self, labels: Tensor | None) -> Condition | None:
+        """The training condition: the batch's labels for a conditional net, each replaced by the null class with
+        probability ``p_uncond`` (classifier-free guidance training); None for an unconditional net, which ignores
+        labels (so labelled data trains an unconditional model exactly as before)."""
+        if self.num_classes is None:
+            return None
+        if labels is None:
+            raise ConfigError(f"model.net.num_classes={self.num_classes}, but the data has no class labels; set "
+                              "data.source.label_column (Hugging Face sets), use one subfolder per class (folders), "
+                              "or train an unconditional net (model.net.num_classes=null)")
+        if self.p_uncond > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.p_uncond
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return Condition(labels)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The global gradient norm before clipping, on logging steps only, as one fused (foreach) reduction.
@@ -258,8 +285,10 @@ class DiffusionModule(L.LightningModule):
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
         use_ema: bool = True,
+        cond: Condition | None = None,
     ) -> Tensor:
-        """Draw ``num_images`` images in [-1, 1] with the EMA weights (or the raw ones with ``use_ema=False``)."""
+        """Draw ``num_images`` images in [-1, 1] with the EMA weights (or the raw ones with ``use_ema=False``);
+        ``cond`` holds one class label per image and the guidance scale (conditional nets)."""
         sampler = sampler or self.sampler
         if sampler is None:
             raise ConfigError("no sampler configured: pass sampler=... or set the `sampler` config group")
@@ -269,9 +298,11 @@ class DiffusionModule(L.LightningModule):
         try:
             shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
             batch_size = batch_size or num_images
+            denoiser = Denoiser(net, self.diffusion)
             chunks = [
-                sampler.sample(net, self.diffusion, (min(batch_size, num_images - i), *shape), generator=generator,
-                               device=self.diffusion.betas.device)
+                sampler.sample(denoiser, None, (min(batch_size, num_images - i), *shape), generator=generator,
+                               device=self.diffusion.betas.device,
+                               cond=None if cond is None else cond[i:i + batch_size])
                 for i in range(0, num_images, batch_size)
             ]
         finally:

@@ -105,11 +105,9 @@ def plain_step(cfg: DictConfig, accelerator: str,
     autocast = torch.autocast(device.type, dtype=dtype) if precision.endswith("-mixed") else nullcontext()
     if module.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    net = module._train_net
-
     def step() -> None:
         with autocast:
-            per_example, _ = module.diffusion.loss(net, batch)
+            per_example, _ = module.objective(module.train_denoiser, batch)
             loss = per_example.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -15,6 +15,8 @@ from PIL import Image
 
 from diffusion_lab.data import DiffusionDataModule, DigitsSource
 from diffusion_lab.diffusion import GaussianDiffusion
+from diffusion_lab.diffusion.denoiser import Denoiser
+from diffusion_lab.diffusion.losses import HybridLoss
 from diffusion_lab.metrics.likelihood import bits_per_dim, dataset_images
 from tests.conftest import eval_command, tiny_unet
 
@@ -45,7 +47,7 @@ def test_bound_falls_as_a_digits_model_trains():
             break
         net.train()
         batch = images[torch.randint(0, len(images), (64,), generator=g)]
-        loss, _ = d.loss(net, batch, generator=g)
+        loss, _ = HybridLoss()(Denoiser(net, d), batch, generator=g)
         optimizer.zero_grad()
         loss.mean().backward()
         optimizer.step()

@@ -10,6 +10,7 @@ the list.
 import pytest
 import torch
 
+from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.samplers import DDIMSampler, DDPMSampler, Noise
 
@@ -35,7 +36,7 @@ def run_both(ours, theirs, diffusion, step_kwargs=None):
     assert steps == theirs.timesteps.tolist()
     x_ours, x_theirs = x0.clone(), x0.clone()
     for t, t_prev in zip(steps, steps[1:] + [-1]):
-        x_ours = ours.step(net, diffusion, x_ours, t, t_prev, noise)
+        x_ours = ours.step(Denoiser(net, diffusion), x_ours, t, t_prev, noise)
         out = net(x_theirs, torch.full((4,), t))
         x_theirs = theirs.step(out, t, x_theirs, generator=g_theirs, **(step_kwargs or {})).prev_sample
         torch.testing.assert_close(x_ours, x_theirs, atol=1e-4, rtol=0, msg=f"t={t}")
@@ -103,7 +104,7 @@ def test_ddpm_learned_range_matches_diffusers(num_steps, clip):
     assert steps == theirs.timesteps.tolist()
     x_ours, x_theirs = x0.clone(), x0.clone()
     for t, t_prev in zip(steps, steps[1:] + [-1]):
-        x_ours = ours.step(net, d, x_ours, t, t_prev, noise)
+        x_ours = ours.step(Denoiser(net, d), x_ours, t, t_prev, noise)
         out = net(x_theirs, torch.full((4,), t))
         x_theirs = theirs.step(out, t, x_theirs, generator=g_theirs).prev_sample
         torch.testing.assert_close(x_ours, x_theirs, atol=1e-4, rtol=0, msg=f"t={t}")
@@ -111,5 +112,5 @@ def test_ddpm_learned_range_matches_diffusers(num_steps, clip):
     fixed = DDPMSampler(num_steps=num_steps, variance="fixed_large", clip_denoised=clip)
     x_fixed, noise = x0.clone(), Noise(x0.shape, x0.device, generator=torch.Generator().manual_seed(5))
     for t, t_prev in zip(steps, steps[1:] + [-1]):
-        x_fixed = fixed.step(net, d, x_fixed, t, t_prev, noise)
+        x_fixed = fixed.step(Denoiser(net, d), x_fixed, t, t_prev, noise)
     assert (x_fixed - x_ours).abs().max() > 1e-2

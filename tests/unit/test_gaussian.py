@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from diffusion_lab.diffusion.denoiser import Denoiser
+from diffusion_lab.diffusion.losses import SimpleLoss, objective_for
 from diffusion_lab.diffusion import GaussianDiffusion
 
 
@@ -44,7 +46,8 @@ def test_eps_x0_v_round_trips(diffusion):
     torch.testing.assert_close(diffusion.eps_from_v(x_t, t, v), eps, atol=1e-5, rtol=1e-5)
     for prediction_type, output in (("eps", eps), ("x0", x0), ("v", v)):
         d = GaussianDiffusion(1000, "linear", prediction_type=prediction_type)
-        got_x0, got_eps = d.predict_x0_eps(output, x_t, t)
+        prediction = Denoiser(lambda x, tt: output, d)(x_t, t)
+        got_x0, got_eps = prediction.x0, prediction.eps
         torch.testing.assert_close(got_x0, x0, atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(got_eps, eps, atol=2e-4, rtol=1e-4)
 
@@ -85,23 +88,26 @@ def test_loss_of_a_zero_predictor_is_the_target_second_moment():
     g = torch.Generator().manual_seed(0)
     x0 = torch.full((4096, 1, 2, 2), 0.5)
     zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    eps_loss, t = GaussianDiffusion(1000, prediction_type="eps").loss(zero, x0, generator=g)
+    eps, x0_type = GaussianDiffusion(1000, prediction_type="eps"), GaussianDiffusion(1000, prediction_type="x0")
+    eps_loss, t = SimpleLoss()(Denoiser(zero, eps), x0, generator=g)
     assert eps_loss.mean().item() == pytest.approx(1.0, abs=0.03)  # E[eps^2] = 1
     assert t.min() >= 0 and t.max() < 1000
-    x0_loss, _ = GaussianDiffusion(1000, prediction_type="x0").loss(zero, x0, generator=g)
+    x0_loss, _ = SimpleLoss()(Denoiser(zero, x0_type), x0, generator=g)
     assert torch.allclose(x0_loss, torch.full_like(x0_loss, 0.25))
 
 
 def test_min_snr_weights():
     d = GaussianDiffusion(1000, prediction_type="eps", loss_weighting="min_snr", min_snr_gamma=5.0)
+    objective = objective_for(d)
+    assert objective == SimpleLoss(weighting="min_snr", min_snr_gamma=5.0)
     t = torch.tensor([0, 999])
     # SNR = alpha-bar / (1 - alpha-bar) of Ho's linear schedule, from its betas (not the module's own snr buffer)
     alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
     snr = (alphas_cumprod / (1 - alphas_cumprod))[t]
     # low t: SNR >> 5, weight 5 / SNR; high t: SNR << 5, weight 1
-    torch.testing.assert_close(d.loss_weight(t), torch.stack([5.0 / snr[0], torch.ones((), dtype=torch.float64)]).float())
+    torch.testing.assert_close(objective.weight(d, t), torch.stack([5.0 / snr[0], torch.ones((), dtype=torch.float64)]).float())
     v = GaussianDiffusion(1000, prediction_type="v", loss_weighting="min_snr", min_snr_gamma=5.0)
-    assert v.loss_weight(torch.tensor([999])).item() == pytest.approx((snr[1] / (snr[1] + 1)).item(), rel=1e-5)
+    assert objective_for(v).weight(v, torch.tensor([999])).item() == pytest.approx((snr[1] / (snr[1] + 1)).item(), rel=1e-5)
 
 
 def test_bad_settings_are_named():

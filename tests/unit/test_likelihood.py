@@ -13,6 +13,8 @@ import math
 import pytest
 import torch
 
+from diffusion_lab.diffusion.denoiser import Denoiser
+from diffusion_lab.diffusion.losses import HybridLoss, SimpleLoss, objective_for
 from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl
 from diffusion_lab.metrics.likelihood import bits_per_dim
@@ -147,21 +149,22 @@ def test_hybrid_loss_stops_the_mean_gradient_in_the_vlb_term():
     v_out = torch.zeros(4, 1, 4, 4, requires_grad=True)
     net = lambda x, t: torch.cat([eps_out + 0.1 * x, v_out + 0.0 * x], 1)  # noqa: E731
     x0 = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    loss, t = d.loss(net, x0, generator=torch.Generator().manual_seed(1))
+    assert objective_for(d) == HybridLoss()
+    loss, t = HybridLoss()(Denoiser(net, d), x0, generator=torch.Generator().manual_seed(1))
     loss.sum().backward()
     g_mean, g_v = eps_out.grad.clone(), v_out.grad.clone()
     # the same draw, L_simple alone (same mean head), must give the same gradient on the mean channels
     eps_out.grad = None
     simple = GaussianDiffusion(100, quantization_levels=17)
     net_c = lambda x, t: eps_out + 0.1 * x  # noqa: E731
-    simple_loss, t2 = simple.loss(net_c, x0, generator=torch.Generator().manual_seed(1))
+    simple_loss, t2 = SimpleLoss()(Denoiser(net_c, simple), x0, generator=torch.Generator().manual_seed(1))
     simple_loss.sum().backward()
     assert (t == t2).all()
     torch.testing.assert_close(g_mean, eps_out.grad)
     assert g_v.abs().sum() > 0
     # and the value: simple + 0.001 * T * vb in bits/dim
     x_t = d.q_sample(x0, t, torch.randn(x0.shape, generator=_after_t(x0, t)))
-    vb = d.vb_terms(net(x_t, t).detach(), x0, x_t, t)
+    vb = d.vb_terms(Denoiser(lambda x, tt: net(x, tt).detach(), d)(x_t, t), x0, x_t, t)
     torch.testing.assert_close(loss.detach(), simple_loss.detach() + 0.001 * 100 * vb)
 
 
@@ -179,11 +182,12 @@ def test_configuration_errors_are_clear():
         GaussianDiffusion(10, variance="learned")
     d = GaussianDiffusion(10, variance="learned_range")
     with pytest.raises(ValueError, match="L_simple gives it no gradient"):
-        d.loss(lambda x, t: torch.cat([x, x], 1), torch.zeros(2, 1, 4, 4))
+        SimpleLoss()(Denoiser(lambda x, t: torch.cat([x, x], 1), d), torch.zeros(2, 1, 4, 4))
+    x, t = torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match="set model.net.out_channels=2"):
-        d.split_output(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4))
-    with pytest.raises(ValueError, match="needs 1"):
-        GaussianDiffusion(10).split_output(torch.zeros(2, 2, 4, 4), torch.zeros(2, 1, 4, 4))
+        Denoiser(lambda x, t: x, d)(x, t)
+    with pytest.raises(ValueError, match="needs 1 channels"):
+        Denoiser(lambda x, t: torch.cat([x, x], 1), GaussianDiffusion(10))(x, t)
 
 
 @pytest.mark.parametrize("in_memory", [False, True])

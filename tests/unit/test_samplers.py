@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, Noise, slerp, timesteps
 
@@ -89,7 +90,7 @@ def test_ddpm_full_chain_step_is_hos_algorithm_2():
     net = gaussian_eps(d, 0.1, 0.4)
     t = 500
     noise = Noise(x.shape, x.device, generator=torch.Generator().manual_seed(3))
-    got = DDPMSampler(num_steps=1000, clip_denoised=False).step(net, d, x, t, t - 1, noise)
+    got = DDPMSampler(num_steps=1000, clip_denoised=False).step(Denoiser(net, d), x, t, t - 1, noise)
     tt = torch.full((5,), t)
     x0 = d.x0_from_eps(x, tt, net(x, tt))
     mean, _, _ = d.q_posterior(x0, x, tt)

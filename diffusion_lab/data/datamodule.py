@@ -9,6 +9,12 @@ Two ways to feed the training loop:
   then one index into that tensor, and ``on_after_batch_transfer`` (Lightning calls it on the training device)
   scales it to [-1, 1] and flips a random half of it in two whole-batch operations. No per-image Python runs per
   step. CIFAR-10 is 50,000 x 3,072 bytes = 150 MB this way.
+
+Batches. A source without labels (``num_classes`` None) gives plain image tensors (B, C, H, W). A source with
+labels gives ``(images, labels)`` tuples, ``labels`` int64 of shape (B,) (the class of each image, 0..K-1): the
+in-memory path keeps one int64 label tensor beside the image tensor and gathers both with the same indices, so
+labels follow the same shuffle (and mid-epoch resume) as their images; flips never touch them. Item access
+(``train_set[i]``, ``train_set.base[i]``) gives images only, on either path; ``train_set.labels`` holds the labels.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.transforms import v2 as T
 
 from diffusion_lab.data.sampler import ResumableDataLoader
@@ -91,8 +97,8 @@ class _CenterSquare:
 
 
 class _Transformed(Dataset):
-    def __init__(self, base: Dataset, transform: ImageTransform) -> None:
-        self.base, self.transform = base, transform
+    def __init__(self, base: Dataset, transform: ImageTransform, labels: torch.Tensor | None = None) -> None:
+        self.base, self.transform, self.labels = base, transform, labels
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -126,8 +132,8 @@ class InMemoryImages(Dataset):
     reads ``datamodule.train_set`` item by item (reference statistics) works on either path.
     """
 
-    def __init__(self, images: torch.Tensor, transform: ImageTransform) -> None:
-        self.images, self.transform = images, transform
+    def __init__(self, images: torch.Tensor, transform: ImageTransform, labels: torch.Tensor | None = None) -> None:
+        self.images, self.transform, self.labels = images, transform, labels
 
     def __len__(self) -> int:
         return len(self.images)
@@ -143,15 +149,46 @@ class InMemoryImages(Dataset):
 
 class _RawBatches(TensorImages):
     """The loader's view of :class:`InMemoryImages`: a batch of indices is one gather (``__getitems__``, which
-    torch's DataLoader calls with the sampler's whole batch), left unscaled for ``finish_batch`` on the device."""
+    torch's DataLoader calls with the sampler's whole batch), left unscaled for ``finish_batch`` on the device;
+    with labels, one more gather of the label tensor with the same indices: ``(images, labels)``."""
 
-    def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        return self.images[torch.as_tensor(indices)]
+    def __getitems__(self, indices: list[int]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        images = self.images[index]
+        return images if self.labels is None else (images, self.labels[index])
 
 
-def _whole_batch(batch: torch.Tensor) -> torch.Tensor:
+def _whole_batch(batch: Any) -> Any:
     """collate_fn for :class:`_RawBatches`: the gather already made the batch (a named function: picklable)."""
     return batch
+
+
+class _WithLabels(Dataset):
+    """The per-image loader's view of a labelled data set: item i is (finished image i, its int64 label)."""
+
+    def __init__(self, data: _Transformed) -> None:
+        self.data, self.labels = data, data.labels
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[index], self.labels[index]  # type: ignore[index]
+
+
+def _image_label_tuples(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """collate_fn for :class:`_WithLabels`: torch's default collation, as a tuple (it would give a list)."""
+    images, labels = default_collate(samples)
+    return images, labels
+
+
+def _labels_of(data: Any) -> torch.Tensor | None:
+    """The int64 labels of a source's data set (through ``Subset``s, e.g. ``data.limit``), or None."""
+    if isinstance(data, Subset):
+        labels = _labels_of(data.dataset)
+        return None if labels is None else labels[torch.as_tensor(list(data.indices), dtype=torch.long)]
+    labels = getattr(data, "labels", None)
+    return None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
 
 
 def _physical_memory_bytes() -> int | None:
@@ -196,6 +233,33 @@ class DiffusionDataModule(L.LightningDataModule):
     def image_shape(self) -> tuple[int, int, int]:
         return (self.transform.channels, self.transform.image_size, self.transform.image_size)
 
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """The training images' classes, int64 (N,), or None for an unlabelled source (runs ``setup`` if needed)."""
+        self.setup()
+        return self.train_set.labels  # type: ignore[union-attr]
+
+    @property
+    def num_classes(self) -> int | None:
+        """How many classes the source's labels have (None: no labels; batches are then plain image tensors).
+
+        Runs ``setup`` if needed (a Hugging Face set or a folder knows its classes once loaded). The source's
+        count, not the count present under ``data.limit``.
+        """
+        labels = self.labels
+        if labels is None:
+            return None
+        count = getattr(self.source, "num_classes", None)
+        return int(count) if count is not None else (int(labels.max()) + 1 if len(labels) else 0)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The classes' names (index = class), where the source has names; None otherwise."""
+        if self.labels is None:
+            return None
+        names = getattr(self.source, "class_names", None)
+        return list(names) if names is not None else None
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -209,8 +273,12 @@ class DiffusionDataModule(L.LightningDataModule):
                 f"data.batch_size={self.batch_size} is larger than the data set ({len(base)} images) "  # type: ignore[arg-type]
                 "and drop_last would leave no batch; lower data.batch_size"
             )
-        self.train_set = InMemoryImages(self._load_into_memory(base), self.transform) if self.in_memory \
-            else _Transformed(base, self.transform)
+        labels = _labels_of(base)
+        if labels is not None and len(labels) != len(base):  # type: ignore[arg-type]
+            raise DataError(f"the data set from data.source ({type(self.source).__name__}) has {len(labels)} labels "
+                            f"for {len(base)} images")  # type: ignore[arg-type]
+        self.train_set = InMemoryImages(self._load_into_memory(base), self.transform, labels) if self.in_memory \
+            else _Transformed(base, self.transform, labels)
 
     def _load_into_memory(self, base: Dataset) -> torch.Tensor:
         """Decode and resize every image once (in ``num_workers`` processes) into one tensor."""
@@ -229,26 +297,37 @@ class DiffusionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Batches of finished images in [-1, 1]; on the in-memory path, of stored images (uint8 or [0, 1]) that
         :meth:`on_after_batch_transfer` finishes on the device (call it yourself when iterating by hand).
+        With labels (``num_classes`` not None) each batch is ``(images, labels)``, labels int64 (B,).
 
         Both paths shuffle with the same ResumableDataLoader (a per-epoch seeded permutation), so the order of
         the images - and a resumed run, also from mid-epoch - is the same on either.
         """
         assert self.train_set is not None, "call setup() first"
         in_memory = isinstance(self.train_set, InMemoryImages)
+        labelled = self.train_set.labels is not None  # type: ignore[union-attr]
         workers = 0 if in_memory else self.num_workers  # a gather from memory needs no worker processes
+        if in_memory:
+            data: Dataset = _RawBatches(self.train_set.images, self.train_set.labels)  # type: ignore[union-attr]
+            collate = _whole_batch
+        else:
+            data = _WithLabels(self.train_set) if labelled else self.train_set  # type: ignore[arg-type]
+            collate = _image_label_tuples if labelled else None
         return ResumableDataLoader(  # shuffled per epoch; a mid-epoch resume continues the same order exactly
-            _RawBatches(self.train_set.images) if in_memory else self.train_set,  # type: ignore[union-attr]
+            data,
             batch_size=self.batch_size,
             num_workers=workers,
             pin_memory=self.pin_memory,
             drop_last=self.drop_last,
             persistent_workers=workers > 0,
-            collate_fn=_whole_batch if in_memory else None,
+            collate_fn=collate,
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(self.train_set, InMemoryImages) and isinstance(batch, torch.Tensor):
-            return self.transform.finish_batch(batch)
+        if isinstance(self.train_set, InMemoryImages):
+            if isinstance(batch, torch.Tensor):
+                return self.transform.finish_batch(batch)
+            if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+                return self.transform.finish_batch(batch[0]), batch[1]  # the labels as they are
         return batch
 
     def check_model(self, net: torch.nn.Module) -> None:

@@ -10,8 +10,15 @@ from tests.conftest import make_images, tiny_unet
 
 
 def first_batch(dm: DiffusionDataModule) -> torch.Tensor:
+    """The first training batch's images (a labelled source's batches are (images, labels) tuples)."""
     dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    if dm.num_classes is None:
+        assert isinstance(batch, torch.Tensor)  # unlabelled: a plain image tensor, as before labels existed
+        return batch
+    images, labels = batch
+    assert labels.dtype == torch.int64 and labels.shape == (len(images),)
+    return images
 
 
 def test_digits_are_the_real_1797_images_in_range():
@@ -77,6 +84,7 @@ def test_folder_source_recursive_and_greyscale(tmp_path):
     dm = DiffusionDataModule(FolderSource(str(tmp_path / "imgs")), image_size=8, channels=3, batch_size=5)
     x = first_batch(dm)
     assert x.shape == (5, 3, 8, 8)
+    assert dm.class_names == ["a", "b"]  # one class per subfolder
     assert torch.equal(x[:, 0], x[:, 1])  # grey images become three equal channels
 
 
@@ -111,8 +119,9 @@ def test_batch_larger_than_the_data_set():
         DiffusionDataModule(DigitsSource(), image_size=8, channels=1, batch_size=64, limit=10).setup()
 
 
-def finished_batches(dm: DiffusionDataModule, seed: int = 0) -> list[torch.Tensor]:
-    """One epoch of training batches as the training step receives them (after on_after_batch_transfer)."""
+def finished_batches(dm: DiffusionDataModule, seed: int = 0) -> list:
+    """One epoch of training batches as the training step receives them (after on_after_batch_transfer):
+    image tensors, or (images, labels) for a labelled source."""
     dm.setup("fit")
     torch.manual_seed(seed)
     return [dm.on_after_batch_transfer(batch, 0) for batch in dm.train_dataloader()]
@@ -141,6 +150,10 @@ def test_in_memory_batches_equal_the_per_image_path(tmp_path, source):
     assert dm.train_set.images.dtype == (torch.float32 if source == "digits" else torch.uint8)
     assert len(in_memory) == len(per_image) > 1
     for a, b in zip(in_memory, per_image):
+        if source == "digits":  # labelled: the same labels beside the same images
+            assert isinstance(a, tuple) and isinstance(b, tuple)
+            assert torch.equal(a[1], b[1]) and a[1].dtype == torch.int64
+            a, b = a[0], b[0]
         assert torch.equal(a, b)
     # item access (used by the reference statistics) gives the same finished images
     assert torch.equal(dm.train_set[3], reference.train_set[3])

@@ -157,17 +157,17 @@ def digits_checkpoint(tmp_path_factory):
 
 
 def poison_loss(monkeypatch, at_call: int) -> dict[str, int]:
-    """Make the ``at_call``-th call of ``GaussianDiffusion.loss`` (1-based) return NaN losses: a NaN step on demand.
+    """Make the ``at_call``-th call of the training objective (1-based) return NaN losses: a NaN step on demand.
 
     Returns the call counter (``{"n": calls so far}``)."""
-    from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+    from diffusion_lab.diffusion.losses import Objective
 
-    original, calls = GaussianDiffusion.loss, {"n": 0}
+    original, calls = Objective.__call__, {"n": 0}
 
-    def poisoned(self, net, x0, generator=None):
+    def poisoned(self, denoiser, x0, cond=None, generator=None):
         calls["n"] += 1
-        per_example, t = original(self, net, x0, generator)
+        per_example, t = original(self, denoiser, x0, cond, generator)
         return (per_example * float("nan") if calls["n"] == at_call else per_example), t
 
-    monkeypatch.setattr(GaussianDiffusion, "loss", poisoned)
+    monkeypatch.setattr(Objective, "__call__", poisoned)
     return calls

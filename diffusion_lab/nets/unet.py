@@ -259,7 +259,9 @@ class UNet(nn.Module):
         if class_labels is None:  # the null class for the whole batch
             class_labels = torch.full((batch,), num_classes, dtype=torch.long, device=device)
         if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be an integer (int64) tensor of labels, got dtype {class_labels.dtype}")
+            raise ValueError(
+                f"class_labels must be an integer (int64) tensor of labels, got dtype {class_labels.dtype}"
+            )
         if class_labels.ndim == 0:
             class_labels = class_labels.expand(batch)
         if class_labels.shape != (batch,):

@@ -5,11 +5,18 @@ A PixelCNN++-style U-Net: sinusoidal timestep embedding -> 2-layer MLP (4*ch); p
 ``attn_resolutions``; strided-conv downsampling, nearest + conv upsampling; skip connections from every
 down block to the matching up block. Weights follow the original initialisation (Xavier-uniform "fan_avg",
 and the output convolution of every residual branch scaled by 1e-5, i.e. variance 1e-10).
+
+With ``num_classes`` set the net is class-conditional as in improved-diffusion (Nichol & Dhariwal 2021): a learned
+``class_embedding`` (``nn.Embedding(num_classes + 1, 4*ch)``) is added to the timestep embedding right after its
+MLP, before any residual block reads it. Row ``num_classes`` is the null class of classifier-free guidance (Ho &
+Salimans 2022), used when ``class_labels`` is None. An unconditional net (``num_classes=None``) has no such module
+and is the DDPM network unchanged: the same parameters, state_dict keys, initial weights and outputs.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +41,7 @@ class UNetConfig:
     num_heads: int = 1  # the original network uses single-head attention
     norm_groups: int = 32
     norm_eps: float = 1e-6  # tf.contrib.layers.group_norm's epsilon
+    num_classes: int | None = None  # class-conditional with this many classes (+1 null class); None: unconditional
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
@@ -61,6 +69,15 @@ class UNetConfig:
                     f"channel width {width} (model.net.ch * ch_mult) must be divisible by norm_groups="
                     f"{self.norm_groups} and num_heads={self.num_heads}"
                 )
+        if self.num_classes is not None:
+            n = self.num_classes
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+                raise ConfigError(
+                    f"model.net.num_classes={n!r} is not a number of classes; set it to a whole number >= 1 (the "
+                    "data's classes; the null class of classifier-free guidance is added on top) or to null for an "
+                    "unconditional net"
+                )
+            self.num_classes = int(n)
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -168,7 +185,11 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """``UNet(**UNetConfig fields)(x_t, t) -> prediction`` with the shape of ``x_t``."""
+    """``UNet(**UNetConfig fields)(x_t, t, class_labels=None) -> prediction`` with the shape of ``x_t``.
+
+    The contract the rest of the code relies on: ``net.config.in_channels``, ``out_channels``, ``image_size`` and
+    ``num_classes`` (None: unconditional; else labels ``0 .. num_classes - 1`` and the null label ``num_classes``).
+    """
 
     config_class = UNetConfig
 
@@ -216,7 +237,42 @@ class UNet(nn.Module):
         self.norm_out = _norm(cfg, width)
         self.conv_out = _init(nn.Conv2d(width, cfg.out_channels, 3, padding=1), scale=1e-10)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        # Created last and only for a conditional net, so an unconditional net draws the same initial weights
+        # (and has the same state_dict) as before class conditioning existed. nn.Embedding's N(0, 1) init, as
+        # improved-diffusion's label_emb and diffusers' class_embedding. Row num_classes: the null class.
+        self.class_embedding = nn.Embedding(cfg.num_classes + 1, temb_ch) if cfg.num_classes is not None else None
+
+    @property
+    def null_class(self) -> int | None:
+        """The label of the null class (classifier-free guidance's unconditional input); None if unconditional."""
+        return self.config.num_classes
+
+    def _class_embedding(self, class_labels: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        num_classes = self.config.num_classes
+        if num_classes is None:
+            if class_labels is not None:
+                raise ValueError(
+                    "class_labels were given, but this UNet was built without num_classes (it is unconditional); "
+                    "build it with num_classes=<number of classes> (model.net.num_classes) or pass no class_labels"
+                )
+            return None
+        if class_labels is None:  # the null class for the whole batch
+            class_labels = torch.full((batch,), num_classes, dtype=torch.long, device=device)
+        if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
+            raise ValueError(
+                f"class_labels must be an integer (int64) tensor of labels, got dtype {class_labels.dtype}"
+            )
+        if class_labels.ndim == 0:
+            class_labels = class_labels.expand(batch)
+        if class_labels.shape != (batch,):
+            raise ValueError(f"class_labels must have shape ({batch},) (one label per image), "
+                             f"got {tuple(class_labels.shape)}")
+        return self.class_embedding(class_labels)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """``x`` (B, C, H, W), ``t`` (B,) or a scalar; ``class_labels`` (B,) int64 in ``[0, num_classes]`` (value
+        ``num_classes``: the null class) or None (the null class for the whole batch; required None when the net
+        is unconditional)."""
         cfg = self.config
         if x.shape[1] != cfg.in_channels or x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
             raise ValueError(
@@ -225,6 +281,9 @@ class UNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         temb = self.temb(timestep_embedding(t, cfg.ch, self.conv_in.weight.dtype))
+        cemb = self._class_embedding(class_labels, x.shape[0], x.device)
+        if cemb is not None:
+            temb = temb + cemb  # improved-diffusion: emb = emb + self.label_emb(y)
 
         hs = [self.conv_in(x)]
         for stage in self.down:

@@ -12,6 +12,13 @@ a UNet2DModel with ``DownBlock2D``/``AttnDownBlock2D`` blocks, ``freq_shift=1``,
 ``downsample_padding=0`` and single-head attention; weights map one to one (attention projections are 1x1
 convolutions here and linear layers there). Written by hand because that mapping is this project's own;
 diffusers itself is not needed to read or write the folders.
+
+A class-conditional net (``num_classes``) is a UNet2DModel with ``num_class_embeds = num_classes + 1`` and
+``class_embed_type: null``: both add ``class_embedding(labels)`` (an ``nn.Embedding`` of the time-embedding width)
+to the time embedding after its MLP, and the weights ``class_embedding.weight`` keep their name. The last row is
+this project's null class (classifier-free guidance), so a diffusers net with ``num_class_embeds = N`` loads here
+as ``num_classes = N - 1``; diffusers needs its labels passed explicitly (the null class is label ``N - 1``).
+Unconditional folders carry no class field, as before.
 """
 
 from __future__ import annotations
@@ -101,6 +108,8 @@ def unet_to_diffusers_config(cfg: UNetConfig) -> dict[str, Any]:
         "resnet_time_scale_shift": "default",
         "add_attention": True,
         "dropout": cfg.dropout,
+        # num_classes real classes + the null class; written only for a conditional net (unconditional unchanged)
+        **({"class_embed_type": None, "num_class_embeds": cfg.num_classes + 1} if cfg.num_classes is not None else {}),
     }
 
 
@@ -112,6 +121,7 @@ UNET_DEFAULTS: dict[str, Any] = {
     "block_out_channels": [224, 448, 672, 896], "dropout": 0.0, "norm_num_groups": 32, "norm_eps": 1e-5,
     "attention_head_dim": 8, "time_embedding_dim": None, "attn_norm_num_groups": None,
     "num_train_timesteps": None,  # used by diffusers only with time_embedding_type="learned"
+    "num_class_embeds": None,  # None: unconditional; N: N - 1 classes + this project's null class (the last row)
 }
 # UNet2DModel fields with the only values this U-Net implements (first: diffusers' default when missing).
 UNET_FIXED: dict[str, tuple[Any, tuple]] = {
@@ -126,8 +136,7 @@ UNET_FIXED: dict[str, tuple[Any, tuple]] = {
     "upsample_type": ("conv", ("conv",)),
     "resnet_time_scale_shift": ("default", ("default",)),
     "add_attention": (True, (True,)),
-    "class_embed_type": (None, (None,)),
-    "num_class_embeds": (None, (None,)),
+    "class_embed_type": (None, (None,)),  # with num_class_embeds: the nn.Embedding class embedding
 }
 
 
@@ -189,6 +198,11 @@ def unet_from_diffusers_config(config: dict[str, Any], source: str = "unet/confi
                           f"of the {len(widths)} down blocks; set it to the size the net was trained at, a "
                           f"multiple of {factor} (e.g. {' or '.join(str(n) for n in near if n > 0)})")
     resolutions = [size // 2**i for i in range(len(widths))]
+    embeds = get("num_class_embeds")
+    if embeds is not None and (isinstance(embeds, bool) or not isinstance(embeds, int) or embeds < 2):
+        raise FormatError(f"{source}: num_class_embeds={embeds!r} is not supported; this project's class-conditional "
+                          "U-Net has num_classes + 1 class embeddings (the last one the null class), so use an int "
+                          ">= 2, or null for an unconditional net")
     try:
         return UNetConfig(
             image_size=size,
@@ -202,6 +216,7 @@ def unet_from_diffusers_config(config: dict[str, Any], source: str = "unet/confi
             downsample_padding=get("downsample_padding"),
             norm_groups=groups,
             norm_eps=get("norm_eps"),
+            num_classes=None if embeds is None else embeds - 1,
         )
     except (TypeError, ValueError) as error:  # any check of UNetConfig's own, in the file's terms
         raise FormatError(f"{source} describes a U-Net this project cannot build: {error}") from error
@@ -220,6 +235,8 @@ def _key_map(net: UNet) -> dict[str, str]:
     """Our parameter-name prefix -> diffusers' prefix, built by walking the same structure."""
     pairs = {"conv_in": "conv_in", "temb.0": "time_embedding.linear_1", "temb.2": "time_embedding.linear_2",
              "norm_out": "conv_norm_out", "conv_out": "conv_out"}
+    if net.class_embedding is not None:
+        pairs["class_embedding"] = "class_embedding"  # the same name and layout (num_classes + 1, 4 * ch)
 
     def resblock(ours: str, theirs: str) -> None:
         for a, b in (("norm1", "norm1"), ("conv1", "conv1"), ("temb_proj", "time_emb_proj"), ("norm2", "norm2"),
@@ -330,6 +347,12 @@ def check_weights_match_config(weights: dict[str, torch.Tensor], metadata: dict[
             n = weights[key].shape[dim]
             raise FormatError(f"{config_path}: {field}={value}, but the weights' {key.split('.')[0]} has {n} "
                               f"channels; set \"{field}\": {n} in config.json (the config must describe its weights)")
+    rows = weights.get("class_embedding.weight")
+    expected_rows = None if cfg.num_classes is None else cfg.num_classes + 1
+    if rows is not None and rows.ndim == 2 and rows.shape[0] != expected_rows:
+        raise FormatError(f"{config_path}: num_class_embeds={json.dumps(expected_rows)}, but the weights' "
+                          f"class_embedding has {rows.shape[0]} rows; set \"num_class_embeds\": {rows.shape[0]} in "
+                          "config.json (the config must describe its weights)")
     trained = metadata.get(TRAINED_SIZE_KEY)
     if trained is not None and trained.isdigit() and int(trained) != cfg.image_size:
         raise FormatError(

@@ -130,3 +130,44 @@ def test_channels_last_network_matches_the_default_layout():
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999])
     with torch.no_grad():
         torch.testing.assert_close(nhwc(x.contiguous(memory_format=torch.channels_last), t), net(x, t), rtol=1e-4, atol=1e-5)
+
+
+def test_unconditional_net_is_unchanged_by_class_conditioning():
+    """num_classes=None must be the DDPM network exactly as before class conditioning existed: the same state_dict
+    keys, the same initial RNG draws and the same outputs. The numbers below were computed with the code of main
+    before num_classes was added (commit 6a6af50), on this very construction; a change to them means unconditional
+    checkpoints or seeded runs would no longer reproduce."""
+    import hashlib
+
+    torch.manual_seed(0)
+    net = tiny_unet(perturb=0.02, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_classes=None).eval()
+    keys = list(net.state_dict())
+    assert net.config.num_classes is None and net.class_embedding is None
+    assert not any("class" in k for k in keys)
+    assert len(keys) == 144
+    assert hashlib.sha256("\n".join(keys).encode()).hexdigest() == (
+        "0789caab29b5d56cc0da048157116fc7702539b6454ee771e1f4b1f961e61d01")
+    assert count(net) == 701_345
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = net(x, torch.tensor([5, 600])).double()
+    # float32 on CPU: agreement to ~1e-6 relative; a different RNG sequence at init changes these at O(1)
+    assert out.sum().item() == pytest.approx(4.852312688715756, rel=1e-4)
+    assert out.abs().sum().item() == pytest.approx(19.388812047429383, rel=1e-4)
+    torch.testing.assert_close(out[0, 0, 0, :4].float(), torch.tensor(
+        [0.06941677629947662, 0.40045246481895447, 0.08717066049575806, 0.0004120953381061554]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[1, 0, 7, 4:].float(), torch.tensor(
+        [-0.10413932800292969, -0.39619484543800354, 0.22286760807037354, -0.05774546414613724]), rtol=1e-4, atol=1e-5)
+    # the init draws alone (no perturbation): the first and the last module built
+    torch.manual_seed(0)
+    fresh = tiny_unet(ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+    assert fresh.temb[0].weight.double().sum().item() == pytest.approx(4.377591750399006, rel=1e-6)
+    assert fresh.conv_out.weight.double().sum().item() == pytest.approx(1.0044699481071007e-05, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])
+def test_num_classes_errors_name_the_key(bad):
+    from diffusion_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.net\.num_classes=.*whole number >= 1.*or to null"):
+        tiny_unet(num_classes=bad)

@@ -341,4 +341,14 @@ class DiffusionDataModule(L.LightningDataModule):
                 f"the model expects images of shape {want} (model.net.in_channels, model.net.image_size) but the data "
                 f"gives {self.image_shape} (data.channels, data.image_size); make them agree"
             )
+        wanted = getattr(config, "num_classes", None)
+        if wanted is not None:  # a conditional net: the data must have labels, as many classes as the net
+            have = self.num_classes
+            if have is None:
+                raise DataError(f"model.net.num_classes={wanted}, but this data has no class labels; set "
+                                "data.source.label_column (Hugging Face sets), use one subfolder per class (folders), "
+                                "or train an unconditional net (model.net.num_classes=null)")
+            if have != wanted:
+                raise DataError(f"model.net.num_classes={wanted}, but the data has {have} classes; set "
+                                f"model.net.num_classes={have}")
 

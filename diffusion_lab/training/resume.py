@@ -254,11 +254,12 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], sections:
     """``['model.net.ch: 32 in the checkpoint, 64 now', ...]`` over the given top-level sections."""
     a = _flatten({k: old.get(k) for k in sections})
     b = _flatten({k: new.get(k) for k in sections})
-    missing = object()
+    # A key one side lacks counts as null: a field added later with a null default (e.g. model.net.num_classes)
+    # is what a checkpoint written before it meant, so older checkpoints still resume.
     return [
         f"{key}: {a.get(key, 'unset')!s} in the checkpoint, {b.get(key, 'unset')!s} now"
         for key in sorted(set(a) | set(b))
-        if a.get(key, missing) != b.get(key, missing)
+        if a.get(key) != b.get(key)
     ]
 
 

@@ -24,7 +24,7 @@ def options(group: str) -> list[str]:
 def test_conf_is_shipped_inside_the_package():
     assert (CONF / "train.yaml").is_file()
     assert options("experiment") == ["ddpm_celebahq256", "ddpm_cifar10", "ddpm_lsun_church256", "digits",
-                                      "iddpm_cifar10"]
+                                      "digits_cond", "iddpm_cifar10"]
 
 
 @pytest.mark.parametrize("option", options("diffusion"))
@@ -109,7 +109,7 @@ def stand_in(option: str, tmp_path: Path) -> list[str]:
 
     from tests.conftest import make_images
 
-    if option == "digits":  # its run evaluates FID at the end: keep that small too
+    if option in ("digits", "digits_cond"):  # their runs evaluate FID at the end: keep that small too
         return ["callbacks.fid.num_samples=32", "callbacks.fid.batch_size=32"]
     size, column = ((32, 32), "img") if option in ("ddpm_cifar10", "iddpm_cifar10") else ((300, 270), "image")
     features = datasets.Features({column: datasets.Image()})

@@ -111,7 +111,8 @@ class Denoiser:
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion) -> None:
         self.net, self.diffusion = net, diffusion
-        contract = net_contract(net) if getattr(net, "config", None) is not None else {}
+        # the net contract, checked here once for every user of the net (a plain function has no config)
+        contract = check_net(net, diffusion) if getattr(net, "config", None) is not None else {}
         self.num_classes: int | None = contract.get("num_classes")
 
     @property

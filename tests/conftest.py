@@ -91,6 +91,16 @@ def compose_cfg(tmp_path: Path) -> Callable:
     return _compose
 
 
+def perturbed(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random non-zero weights everywhere (the output convolutions start at scale 1e-10 and would hide any
+    mapping error or difference between nets)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return net.eval()
+
+
 def tiny_unet(perturb: float = 0.0, **overrides) -> UNet:
     """The test suite's small U-Net: 1-channel 8x8 images, width 32, one level, one residual block, no attention;
     ``overrides`` are UNet arguments (e.g. ``out_channels=2``, ``ch_mult=(1, 2)``).

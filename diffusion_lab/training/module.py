@@ -92,7 +92,8 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 class DiffusionModule(L.LightningModule):
-    """Trains ``net`` on ``diffusion.loss`` and keeps an exponential moving average of its weights.
+    """Trains ``net`` on its objective (default: the one ``diffusion.loss`` names) and keeps an exponential moving
+    average of its weights.
 
     The EMA is an :class:`EMAModel` (torch's ``AveragedModel`` without its per-step host syncs) held by the
     module itself (``self.ema``), so it is part of ``state_dict`` (raw weights under ``net.*``, EMA under

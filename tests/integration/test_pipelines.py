@@ -13,6 +13,7 @@ from PIL import Image
 
 from diffusion_lab.nets import UNet
 from diffusion_lab.pipelines import DDIMPipeline, DDPMPipeline, FormatError, SchedulerConfig, load_unet, save_unet
+from tests.conftest import perturbed
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -24,15 +25,6 @@ DDPM_CIFAR10_32 = dict(
     flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, attention_head_dim=None, act_fn="silu", norm_num_groups=32,
     center_input_sample=False, mid_block_scale_factor=1, time_embedding_type="positional", dropout=0.1,
 )
-
-
-def perturbed(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random non-zero weights everywhere (the zero-initialised output layers would hide mapping errors)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return net.eval()
 
 
 def test_import_the_ddpm_cifar10_32_layout(tmp_path):

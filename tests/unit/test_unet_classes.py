@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusion_lab.nets import UNet
-from tests.conftest import tiny_unet
+from tests.conftest import perturbed, tiny_unet
 
 ARCH = dict(ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
 NUM_CLASSES = 3
@@ -17,15 +17,6 @@ NUM_CLASSES = 3
 
 def count(net):
     return sum(p.numel() for p in net.parameters())
-
-
-def perturbed(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-zero weights everywhere (the output convolutions start at scale 1e-10 and would hide every difference)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return net.eval()
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,22 @@ def _channels_fix(diffusion: GaussianDiffusion, want: int) -> str:
     return f"set model.net.out_channels={want}, or diffusion.variance=learned_range for a 2C-channel net"
 
 
+def check_guidance_scale(value: Any, error: type[Exception] = ConfigError) -> float:
+    """A classifier-free guidance scale as a float >= 0 (1: the conditional model alone, > 1: guided, 0: the
+    unconditional model); anything else raises ``error``. Every entry point (Condition, the pipelines, the sample
+    and eval commands, the training callbacks) checks with this one function."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise error(f"guidance_scale={value!r}: needs a number >= 0 (1: the conditional model alone, > 1: guided, "
+                    "0: unconditional)")
+    return float(value)
+
+
+def uniform_labels(indices: Any, num_classes: int) -> Tensor:
+    """The class labels of images drawn for a metric: image i gets class ``i mod num_classes``, so every class is
+    drawn equally often (within one) and image i's label depends only on i, as its noise does."""
+    return torch.as_tensor(list(indices), dtype=torch.long) % int(num_classes)
+
+
 @dataclasses.dataclass(frozen=True)
 class Condition:
     """What a sample is conditioned on: one class label per image (int64, (B,)) and the guidance scale."""
@@ -73,10 +89,20 @@ class Condition:
     guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.guidance_scale, (int, float)) or isinstance(self.guidance_scale, bool) \
-                or not self.guidance_scale == self.guidance_scale:
-            raise ConfigError(f"guidance_scale={self.guidance_scale!r}: needs a number (1: the conditional model "
-                              "alone, > 1: guided, 0: unconditional)")
+        object.__setattr__(self, "guidance_scale", check_guidance_scale(self.guidance_scale))
+
+    @classmethod
+    def for_indices(cls, net: nn.Module, indices: Any, guidance_scale: float = 1.0) -> "Condition | None":
+        """The condition of images ``indices`` for a metric or a preview: uniform labels (:func:`uniform_labels`)
+        for a conditional net; None for an unconditional one, which takes no condition (then ``guidance_scale``
+        must be 1)."""
+        num_classes = net_contract(net)["num_classes"]
+        if num_classes is None:
+            if check_guidance_scale(guidance_scale) != 1:
+                raise ConfigError(f"guidance_scale={guidance_scale:g} needs a class-conditional model; this net is "
+                                  "unconditional (model.net.num_classes=null): use guidance_scale 1")
+            return None
+        return cls(uniform_labels(indices, num_classes), guidance_scale)
 
     def __getitem__(self, index: slice) -> "Condition":
         return Condition(self.class_labels[index], self.guidance_scale)

@@ -221,6 +221,10 @@ for _name, _cls in (("digits-classifier", FeatureExtractorDigits), ("digits-pixe
         register_feature_extractor(_name, _cls)
 
 EXTRACTORS = ("inception-v3-compat", "digits-classifier", "digits-pixels")
+# Extractors whose logits classify a data set's own classes, in its label order: with them a conditional model's
+# class accuracy is the fraction of samples classified as the class they were drawn for. Inception's logits are
+# ImageNet's 1,008 classes, not CIFAR-10's, so with Inception no class accuracy is reported.
+CLASSIFIES = {"digits-classifier": "digits"}
 LAYERS = {"inception-v3-compat": ("2048", "logits_unbiased"), "digits-classifier": ("64", "logits"),
           "digits-pixels": ("pixels",)}
 

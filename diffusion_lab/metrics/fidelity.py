@@ -109,6 +109,13 @@ def fid_bootstrap_std(features: torch.Tensor, reference_stats: dict[str, np.ndar
     return float(np.std(values, ddof=1))
 
 
+def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of samples whose classifier argmax is the class they were drawn for."""
+    if len(logits) != len(labels):
+        raise ValueError(f"{len(logits)} logits for {len(labels)} labels")
+    return float((logits.argmax(1).cpu() == labels.cpu()).double().mean())
+
+
 def compute_metrics(features: torch.Tensor, logits: torch.Tensor, reference: dict, config: MetricsConfig) -> dict:
     """``{"fid", "fid_std", "is", "is_std", "kid", "kid_std", "precision", "recall"}`` (those asked for) of a
     generated set against ``reference``."""

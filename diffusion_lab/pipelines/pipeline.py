@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_lab.diffusion.denoiser import Condition, Denoiser, net_output_channels
+from diffusion_lab.diffusion.denoiser import Condition, Denoiser, check_guidance_scale, net_output_channels
 from diffusion_lab.errors import CheckpointNotFoundError, UserError
 from diffusion_lab.nets.unet import UNet
 from diffusion_lab.pipelines.diffusers_format import DIFFUSERS_VERSION, FormatError, load_unet, read_json, save_unet
@@ -136,6 +136,7 @@ class DiffusionPipeline:
         """(batch size, condition): with ``class_labels`` (one per image, as diffusers' DiTPipeline) the batch is
         one image per label; ``guidance_scale`` 1 is the conditional model alone, > 1 guided, 0 unconditional."""
         num_classes = getattr(self.unet.config, "num_classes", None)
+        guidance_scale = check_guidance_scale(guidance_scale, PipelineArgumentError)
         if class_labels is None:
             if guidance_scale != 1:
                 raise PipelineArgumentError(f"guidance_scale={guidance_scale!r} needs class_labels=[...] to guide "
@@ -151,10 +152,7 @@ class DiffusionPipeline:
         if batch_size not in (1, len(labels)):
             raise PipelineArgumentError(f"batch_size={batch_size} with {len(labels)} class_labels: one image is drawn "
                                         "per label; leave batch_size out")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 0:
-            raise PipelineArgumentError(f"guidance_scale={guidance_scale!r} must be a number >= 0 (1: the "
-                                        "conditional model alone, > 1: guided)")
-        return len(labels), Condition(labels, float(guidance_scale))
+        return len(labels), Condition(labels, check_guidance_scale(guidance_scale, PipelineArgumentError))
 
     def _generate(self, sampler: Sampler, batch_size: int, generator: Generators, output_type: str,
                   return_dict: bool, cond: Condition | None = None) -> ImagePipelineOutput | tuple:

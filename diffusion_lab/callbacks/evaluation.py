@@ -2,7 +2,9 @@
 
 Under DDP every rank draws its share of the sample indices (rank, rank + world, ...), features are gathered
 and put back in index order, so the numbers are the same on 1 process or N: image i depends only on
-(seed, i). Metrics are logged as ``val/fid``, ``val/is``, ``val/kid`` to every logger; a ModelCheckpoint
+(seed, i). A class-conditional model draws image i of class i mod K at ``guidance_scale`` (1: the conditional
+model alone) and, where the feature extractor classifies the data's classes (the digits classifier), also logs
+``val/class_accuracy``. Metrics are logged as ``val/fid``, ``val/is``, ``val/kid`` to every logger; a ModelCheckpoint
 monitoring ``val/fid`` (callbacks/eval.yaml) keeps the best-FID checkpoint, as the papers report.
 
 One sampler and one extractor can hide a regression that another sees (issue 17: a clipped DPM-Solver++ FID
@@ -28,8 +30,9 @@ from omegaconf import DictConfig, OmegaConf, SCMode
 
 from diffusion_lab.callbacks.schedule import ScheduledCallback, check_count
 from diffusion_lab.metrics.evaluate import gather_in_index_order, generate_features, shard
-from diffusion_lab.metrics.extractors import EXTRACTORS, LAYERS, make_extractor
-from diffusion_lab.metrics.fidelity import MetricsConfig, compute_metrics, extract
+from diffusion_lab.diffusion.denoiser import check_guidance_scale, net_contract, uniform_labels
+from diffusion_lab.metrics.extractors import CLASSIFIES, EXTRACTORS, LAYERS, make_extractor
+from diffusion_lab.metrics.fidelity import MetricsConfig, class_accuracy, compute_metrics, extract
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.metrics.gate import check_gate
 from diffusion_lab.metrics.reference import get_reference
@@ -64,8 +67,14 @@ class FIDEvaluation(ScheduledCallback):
         extra_extractors: list[str] | tuple[str, ...] = (),
         gate: dict[str, float] | None = None,
         gate_recipe: dict[str, int] | None = None,
+        guidance_scale: float = 1.0,
     ) -> None:
         super().__init__("callbacks.fid", every_n_steps, (), on_train_end)
+        # a class-conditional model draws image i of class i mod K at this scale (Condition.for_indices)
+        try:
+            self.guidance_scale = check_guidance_scale(guidance_scale)
+        except ConfigError as error:
+            raise error.at("callbacks.fid") from None
         check_count("callbacks.fid.num_samples", num_samples, 1, 10000)
         check_count("callbacks.fid.batch_size", batch_size, 1, 256)
         bad = [n for n in (extra_samplers or {}) if not str(n).replace("-", "").replace("_", "").isalnum()]
@@ -111,6 +120,9 @@ class FIDEvaluation(ScheduledCallback):
         self.history: list[dict[str, float]] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.guidance_scale != 1 and net_contract(pl_module.net)["num_classes"] is None:
+            raise ConfigError(f"callbacks.fid.guidance_scale={self.guidance_scale:g} needs a class-conditional model "
+                              "(model.net.num_classes); this one is unconditional: set callbacks.fid.guidance_scale=1")
         # Before any training: missing Inception weights or a mismatched reference fail now, not after an hour.
         # fork_rng: building networks draws random initial weights; the training RNG stream must not notice.
         with torch.random.fork_rng(devices=[]):
@@ -166,7 +178,8 @@ class FIDEvaluation(ScheduledCallback):
         """This rank's share of the images, each drawn by the main and every extra sampler."""
         per_rank = len(shard(self.num_samples, trainer.global_rank, trainer.world_size))
         samplers = [self.sampler or pl_module.sampler, *self.extra_samplers.values()]
-        return per_rank * sum(len(s.visited(pl_module.diffusion)) for s in samplers)
+        branches = 2 if self.guidance_scale != 1 else 1  # guided: both branches in one batched forward
+        return branches * per_rank * sum(len(s.visited(pl_module.diffusion)) for s in samplers)
 
     def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, sampler: Sampler) -> dict[str, dict]:
         """{extractor name: scores} of this rank's share of the images drawn by ``sampler``, gathered."""
@@ -176,7 +189,7 @@ class FIDEvaluation(ScheduledCallback):
         with self.clock.measure(len(indices) * len(sampler.visited(pl_module.diffusion))):
             features, logits, images = generate_features(pl_module.ema_net, pl_module.diffusion, sampler, indices,
                                                          self.extractor, self.seed, self.batch_size, pl_module.device,
-                                                         keep_images=keep)
+                                                         keep_images=keep, guidance_scale=self.guidance_scale)
         sets = {self.feature_extractor: (features, logits, self.reference)}
         for name, (extractor, reference) in self.extras.items():
             sets[name] = (*extract(extractor, [to_uint8(images)], pl_module.device), reference)
@@ -188,13 +201,21 @@ class FIDEvaluation(ScheduledCallback):
             # the extra extractors give FID (and KID/precision/recall when asked for); IS is the main one's
             config = self.metrics if name == self.feature_extractor else dataclasses.replace(self.metrics, isc=False)
             out[name] = compute_metrics(features, logits, reference, config)
+        num_classes = net_contract(pl_module.net)["num_classes"]
+        if num_classes is not None and CLASSIFIES.get(self.feature_extractor) == self.dataset_name:
+            logits = sets[self.feature_extractor][1]
+            if world > 1:
+                logits = gather_in_index_order(pl_module.all_gather, logits.to(pl_module.device), self.num_samples,
+                                               world)
+            out[self.feature_extractor]["class_accuracy"] = class_accuracy(
+                logits, uniform_labels(range(self.num_samples), num_classes))
         return out
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> dict[str, float]:
         """One evaluation now (the schedule calls it; so can a script); ``log=False`` where self.log is not allowed."""
         sampler = self.sampler or pl_module.sampler
         start = perf_counter()
-        names = {"fid": "val/fid", "is": "val/is", "kid": "val/kid"}
+        names = {"fid": "val/fid", "is": "val/is", "kid": "val/kid", "class_accuracy": "val/class_accuracy"}
         values: dict[str, float] = {}
         scores: dict[str, float] = {}
         for label, each in [("", sampler), *self.extra_samplers.items()]:

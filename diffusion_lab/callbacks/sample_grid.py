@@ -13,6 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.schedule import ScheduledCallback, check_count
+from diffusion_lab.diffusion.denoiser import Condition, check_guidance_scale, net_contract
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.samplers.base import Sampler
 from diffusion_lab.utils.images import grid_image, save_grid
 
@@ -26,6 +28,8 @@ class SampleGrid(ScheduledCallback):
     previews, e.g. ``[250, 500]``) and, with ``on_train_end``, when training ends.
     Files: ``<dirpath>/step_<global step>.png`` and a copy of the newest as ``<dirpath>/last.png``.
     ``sampler`` overrides the module's configured sampler (e.g. a 20-step DPM-Solver++ for cheap previews).
+    A class-conditional model draws one row per class (``num_images // num_classes`` images each, at
+    ``guidance_scale``), so a class the model has not learnt shows as a bad row.
     """
 
     def __init__(
@@ -37,10 +41,18 @@ class SampleGrid(ScheduledCallback):
         seed: int = 0,
         on_train_end: bool = True,
         at_steps: Sequence[int] = (),
+        guidance_scale: float = 1.0,
     ) -> None:
         super().__init__("callbacks.sample_grid", every_n_steps, at_steps, on_train_end)
         check_count("callbacks.sample_grid.num_images", num_images, 1, 64)
+        try:
+            self.guidance_scale = check_guidance_scale(guidance_scale)
+        except ConfigError as error:
+            raise error.at("callbacks.sample_grid") from None
         self.dirpath, self.num_images, self.sampler, self.seed = Path(dirpath), num_images, sampler, seed
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.layout(pl_module)  # a guidance scale an unconditional model cannot use fails before training
 
     def fire(self, trainer: L.Trainer, pl_module: L.LightningModule, at_end: bool) -> None:
         self.write(trainer, pl_module)
@@ -49,7 +61,9 @@ class SampleGrid(ScheduledCallback):
         """Only rank 0 draws the grid."""
         if trainer.global_rank != 0:
             return 0
-        return self.num_images * len((self.sampler or pl_module.sampler).visited(pl_module.diffusion))
+        num_images, cond, _ = self.layout(pl_module)
+        branches = 2 if cond is not None and cond.guidance_scale != 1 else 1  # both in one batched forward
+        return branches * num_images * len((self.sampler or pl_module.sampler).visited(pl_module.diffusion))
 
     @rank_zero_only
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
@@ -58,9 +72,10 @@ class SampleGrid(ScheduledCallback):
         with self.clock.measure(self.num_images * len(sampler.visited(pl_module.diffusion))):
             # A private generator: the grid sees the same noise each time and leaves the training RNG untouched.
             generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-            images = pl_module.sample(self.num_images, sampler=sampler, generator=generator)
-            path = save_grid(images, self.dirpath / f"step_{step:07d}.png")
-            save_grid(images, self.dirpath / "last.png")
+            num_images, cond, nrow = self.layout(pl_module)
+            images = pl_module.sample(num_images, sampler=sampler, generator=generator, cond=cond)
+            path = save_grid(images, self.dirpath / f"step_{step:07d}.png", nrow=nrow)
+            save_grid(images, self.dirpath / "last.png", nrow=nrow)
         log.info("step %d: sample grid %s (%s, %.1f s)", step, path, _describe(sampler, pl_module), self.clock.last)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -70,6 +85,20 @@ class SampleGrid(ScheduledCallback):
             elif isinstance(logger, WandbLogger):
                 logger.log_image("samples/grid", [str(path)], step=step)
         return path
+
+    def layout(self, pl_module: L.LightningModule) -> tuple[int, Condition | None, int | None]:
+        """(images, condition, images per row): ``num_images`` unconditional images, or for a conditional net one
+        row per class (the first ``num_images`` classes, one image each, when there are more classes)."""
+        num_classes = net_contract(pl_module.net)["num_classes"]
+        if num_classes is None:
+            if self.guidance_scale != 1:
+                raise ConfigError(f"callbacks.sample_grid.guidance_scale={self.guidance_scale:g} needs a "
+                                  "class-conditional model (model.net.num_classes); this one is unconditional: set "
+                                  "callbacks.sample_grid.guidance_scale=1")
+            return self.num_images, None, None
+        per_row = max(1, self.num_images // num_classes)
+        labels = torch.arange(min(num_classes, self.num_images)).repeat_interleave(per_row)
+        return len(labels), Condition(labels, self.guidance_scale), per_row
 
 
 def _describe(sampler: Sampler, pl_module: L.LightningModule) -> str:

@@ -24,17 +24,18 @@ from typing import Any, Callable
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.progress import Progress
 
 from diffusion_lab.cli.common import configure_threads, require_positive, writable_dir
 from diffusion_lab.config import validate_config
+from diffusion_lab.diffusion.denoiser import check_guidance_scale, net_contract
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.cli.guard import main_guard
 from diffusion_lab.loading import LoadedModel, load_model, sampling_net
 from diffusion_lab.metrics.evaluate import evaluate, library_versions
-from diffusion_lab.metrics.extractors import make_extractor
+from diffusion_lab.metrics.extractors import CLASSIFIES, make_extractor
 from diffusion_lab.metrics.fidelity import MetricsConfig
 from diffusion_lab.metrics.likelihood import append_markdown, check_nll_config, nll_cell
 from diffusion_lab.metrics.reference import get_reference
@@ -52,7 +53,32 @@ RESUME_KEYS = ("checkpoint", "data", "extractor", "num_samples", "seed", "metric
 
 # The grid's rows (conf/eval.yaml); a row not listed here would be ignored, so it is refused instead.
 GRID_ROWS = ("ddim_eta", "ddim_steps", "ddim_clip_denoised", "ddpm_variance", "ddpm_steps", "full_steps",
-             "dpm_solver_steps", "dpm_solver_clip_denoised")
+             "dpm_solver_steps", "dpm_solver_clip_denoised", "guidance_scale")
+
+
+def guidance_axis(cfg: DictConfig, net: Any = None) -> list[float]:
+    """``grid.guidance_scale``: every cell is drawn at each of these classifier-free guidance scales (1: the
+    conditional model alone). Given the ``net``, a scale other than 1 needs a class-conditional one."""
+    value = cfg.grid.get("guidance_scale", [1.0])
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not values:
+        raise ConfigError("grid.guidance_scale=[]: give at least one scale, e.g. grid.guidance_scale=[1.0] (the "
+                          "conditional model alone) or [1,1.5,2,3,5]")
+    try:
+        scales = [check_guidance_scale(v) for v in values]
+    except ConfigError as error:
+        raise error.at("grid") from None
+    if len(set(scales)) != len(scales):
+        raise ConfigError(f"grid.guidance_scale={values}: a scale is listed twice")
+    if net is not None and net_contract(net)["num_classes"] is None and scales != [1.0]:
+        raise ConfigError(f"grid.guidance_scale={values} needs a class-conditional model; this checkpoint is "
+                          "unconditional (model.net.num_classes=null): leave grid.guidance_scale=[1.0]")
+    return scales
+
+
+def cell_key(sampler_config: dict[str, Any], guidance_scale: float) -> str:
+    """What identifies a finished cell in report.json (a cell without a scale was drawn at 1)."""
+    return json.dumps({"sampler": sampler_config, "guidance_scale": float(guidance_scale)}, sort_keys=True)
 
 
 def grid(cfg: DictConfig, diffusion: GaussianDiffusion | None = None) -> list[Sampler]:
@@ -156,11 +182,12 @@ def load_previous(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 class ETA:
-    """Logs the grid's total network evaluations up front and, after the first batch, the time to finish."""
+    """Logs the grid's total network evaluations up front and, after the first batch, the time to finish.
+    A guided cell (w != 1) counts twice: both branches run in one batched forward."""
 
-    def __init__(self, todo: list[Sampler], model: LoadedModel, num_samples: int, world_size: int,
+    def __init__(self, todo: list[tuple[Sampler, float]], model: LoadedModel, num_samples: int, world_size: int,
                  verbose: bool = True) -> None:
-        self.nfe = {id(s): len(s.visited(model.diffusion)) for s in todo}
+        self.nfe = {i: len(s.visited(model.diffusion)) * (1 if w == 1 else 2) for i, (s, w) in enumerate(todo)}
         self.total = sum(self.nfe.values()) * num_samples
         self.local_total = self.total / world_size  # each rank draws about 1/W of the images
         self.done, self.start, self.reported = 0.0, time.perf_counter(), not verbose
@@ -168,8 +195,8 @@ class ETA:
             log.info("grid: %d cells x %d samples, %s network evaluations in all (%d NFE per image summed over cells)",
                      len(todo), num_samples, f"{self.total:,}", sum(self.nfe.values()))
 
-    def advance(self, sampler: Sampler, images: int) -> None:
-        self.done += images * self.nfe[id(sampler)]
+    def advance(self, cell: int, images: int) -> None:
+        self.done += images * self.nfe[cell]
         if not self.reported and self.done > 0:
             self.reported = True
             elapsed = time.perf_counter() - self.start
@@ -197,8 +224,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         require_positive("batch_size", cfg.batch_size)
         metrics.check(cfg.num_samples)
         grid(cfg)  # the values alone, before the checkpoint is read
+        guidance_axis(cfg)
         model = load_model(cfg.ckpt, cfg.use_ema, fabric.device)
         cells = grid(cfg, model.diffusion)  # and against the model (num_steps <= T)
+        scales = guidance_axis(cfg, model.net)
         check_data_matches_model(cfg, model.net, f"ckpt={cfg.ckpt}")
         if cfg.nll.enabled:
             check_nll_config(cfg.nll, model.diffusion, cfg.data)
@@ -233,29 +262,34 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             "versions": library_versions(),
             "devices": device_record(fabric, cfg.fabric.num_nodes, str(cfg.precision), cfg.compile)}
     report = fabric.broadcast(load_previous(out, meta) if rank0 else None, src=0)
-    done = {json.dumps(c["sampler"], sort_keys=True) for c in report["cells"]}
-    todo = [s for s in cells if json.dumps(s.config(), sort_keys=True) not in done]
+    done = {cell_key(c["sampler"], c.get("guidance_scale", 1.0)) for c in report["cells"]}
+    todo = [(s, w) for s in cells for w in scales if cell_key(s.config(), w) not in done]
+    # class accuracy where the extractor's logits classify this data set's classes (the digits classifier)
+    accuracy = CLASSIFIES.get(extractor_name) == cfg.data.name
 
     # 4. the grid, one cell at a time; rank 0 saves after each, so a crash loses at most the cell in flight
     eta = ETA(todo, model, cfg.num_samples, fabric.world_size, verbose=rank0)
     with Progress(disable=not rank0) as progress:
         overall = progress.add_task("evaluation grid", total=len(todo))
-        for sampler in todo:
-            task = progress.add_task(f"{sampler.name} {sampler.config()}", total=-(-cfg.num_samples // fabric.world_size))
+        for i, (sampler, scale) in enumerate(todo):
+            guided = f" guidance {scale:g}" if len(scales) > 1 or scale != 1 else ""
+            task = progress.add_task(f"{sampler.name} {sampler.config()}{guided}",
+                                     total=-(-cfg.num_samples // fabric.world_size))
 
-            def advance(n: int, task=task, sampler=sampler) -> None:
+            def advance(n: int, task=task, i=i) -> None:
                 progress.advance(task, n)
-                eta.advance(sampler, n)
+                eta.advance(i, n)
 
             start = time.perf_counter()
             cell = evaluate(net, model.diffusion, sampler, cfg.num_samples, reference, extractor, metrics, cfg.seed,
                             cfg.batch_size, fabric.device, progress=advance, rank=fabric.global_rank,
-                            world_size=fabric.world_size, all_gather=fabric.all_gather)
+                            world_size=fabric.world_size, all_gather=fabric.all_gather, guidance_scale=scale,
+                            accuracy=accuracy)
             if rank0:
                 report["cells"].append(cell)
                 report["wall_seconds"] += time.perf_counter() - start
                 write_json_atomic(out / "report.json", report)
-                log.info("%s: %s", sampler.config(), {k: round(v, 4) for k, v in cell["metrics"].items()})
+                log.info("%s%s: %s", sampler.config(), guided, {k: round(v, 4) for k, v in cell["metrics"].items()})
             progress.remove_task(task)
             progress.advance(overall)
     # 5. the report (rank 0; the others wait so that no process exits while rank 0 still needs the group)

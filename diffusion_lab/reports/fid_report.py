@@ -1,5 +1,9 @@
 """An evaluation grid (samplers x steps) as a FID report: JSON with everything, a Markdown table laid out like
-DDIM's Table 1 (paper numbers beside ours where published), and a plot of FID against network evaluations."""
+DDIM's Table 1 (paper numbers beside ours where published), and a plot of FID against network evaluations.
+
+A class-conditional model's grid also has a guidance axis: the Table-1 tables hold its guidance-1 cells (the
+conditional model alone), a guidance section holds every scale (FID +- sd, IS, class accuracy, precision, recall
+per sampler and S), and ``fid_vs_accuracy.png`` plots FID against class accuracy along the guidance scale."""
 
 from __future__ import annotations
 
@@ -30,8 +34,47 @@ def row_label(key: tuple) -> str:
     return {"dpm_solver": "DPM-Solver++(2M)"}.get(name, name)
 
 
+def guidance(cell: dict[str, Any]) -> float:
+    """A cell's guidance scale (unconditional cells and older reports: 1)."""
+    return float(cell.get("guidance_scale", 1.0))
+
+
+def guidance_section(cells: list[dict[str, Any]]) -> list[str]:
+    """Tables of every metric against the guidance scale, one row per (sampler, S)."""
+    scales = sorted({guidance(c) for c in cells})
+    rows = sorted({(row_key(c["sampler"]), c["sampler"]["num_steps"]) for c in cells}, key=str)
+    by = {(row_key(c["sampler"]), c["sampler"]["num_steps"], guidance(c)): c for c in cells}
+    labels = sorted({c["class_labels"] for c in cells if c.get("class_labels")})
+    lines = ["## Classifier-free guidance", "",
+             "Guidance scale w (diffusers' `guidance_scale`): 1 is the conditional model alone, > 1 guided; a guided "
+             "cell runs both branches in one batched forward (the same NFE at twice the batch). Class labels: "
+             + ("; ".join(labels) if labels else "none") + ".", ""]
+    tables = (("fid", "FID +- sd"), ("is", "IS"), ("class_accuracy", "Class accuracy (samples the data set's "
+              "classifier assigns to their class)"), ("precision", "Precision"), ("recall", "Recall"))
+    for metric, title in tables:
+        if not any(metric in c["metrics"] for c in cells):
+            continue
+        lines += [f"### {title}", "", "| sampler, S \\ w | " + " | ".join(f"{w:g}" for w in scales) + " |",
+                  "|---|" + "---|" * len(scales)]
+        for key, steps in rows:
+            out = []
+            for w in scales:
+                cell = by.get((key, steps, w))
+                if cell is None or metric not in cell["metrics"]:
+                    out.append("")
+                    continue
+                text = f"{cell['metrics'][metric]:.{2 if metric in ('fid', 'is') else 3}f}"
+                if metric == "fid" and "fid_std" in cell["metrics"]:
+                    text += f" +- {cell['metrics']['fid_std']:.2f}"
+                out.append(text)
+            lines.append(f"| {row_label(key)}, {steps} | " + " | ".join(out) + " |")
+        lines.append("")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
-    cells = report["cells"]
+    conditional = [c for c in report["cells"] if "guidance_scale" in c]
+    cells = [c for c in report["cells"] if guidance(c) == 1.0]
     steps = sorted({c["sampler"]["num_steps"] for c in cells})
     order = [("ddim", 0.0), ("ddim", 0.2), ("ddim", 0.5), ("ddim", 1.0), ("ddpm", "fixed_large"), ("ddpm", "fixed_small")]
     rows = sorted({row_key(c["sampler"]) for c in cells}, key=lambda k: (order.index(k) if k in order else 99, str(k)))
@@ -67,6 +110,8 @@ def markdown(report: dict[str, Any]) -> str:
                 out.append(f"{text} ({published:.2f})" if published is not None else text)
             lines.append(f"| {row_label(key)} | " + " | ".join(out) + " |")
         lines.append("")
+    if conditional:
+        lines += guidance_section(conditional)
     bootstrap = (report.get("metrics_config") or {}).get("fid_bootstrap") or 0
     if bootstrap > 1:
         lines += [f"sd: standard deviation of FID over {bootstrap} bootstrap resamples of the generated features "
@@ -78,7 +123,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"Drawn on {devices['world_size']} process(es), {devices['accelerator']} ({devices['device_name']}), "
                   f"precision {devices['precision']}, compile {devices['compile']}.", ""]
     lines += ["S is the requested number of steps; the network evaluations (NFE) of each cell are in report.json.",
-              f"Samplers' spacing: {sorted({c['sampler']['spacing'] for c in cells})}.", ""]
+              f"Samplers' spacing: {sorted({c['sampler']['spacing'] for c in report['cells']})}.", ""]
     return "\n".join(lines)
 
 
@@ -91,7 +136,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     series: dict[tuple, list[tuple[int, float, float]]] = {}
     for c in report["cells"]:
-        if "fid" in c["metrics"]:
+        if "fid" in c["metrics"] and guidance(c) == 1.0:
             series.setdefault(row_key(c["sampler"]), []).append((c["nfe"], c["metrics"]["fid"],
                                                                  c["metrics"].get("fid_std", 0.0)))
     for key, points in sorted(series.items(), key=lambda kv: str(kv[0])):
@@ -109,14 +154,47 @@ def plot(report: dict[str, Any], path: Path) -> None:
     save_figure_atomic(fig, path)
 
 
+def plot_guidance(report: dict[str, Any], path: Path) -> None:
+    """FID against class accuracy, one line per (sampler, S) through the guidance scales, each point labelled w."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    series: dict[tuple, list[tuple[float, float, float, float]]] = {}
+    for c in report["cells"]:
+        m = c["metrics"]
+        if "guidance_scale" in c and "fid" in m and "class_accuracy" in m:
+            key = (row_label(row_key(c["sampler"])), c["sampler"]["num_steps"])
+            series.setdefault(key, []).append((guidance(c), m["class_accuracy"], m["fid"], m.get("fid_std", 0.0)))
+    for (label, steps), points in sorted(series.items(), key=str):
+        points.sort()
+        ax.errorbar([p[1] for p in points], [p[2] for p in points], yerr=[p[3] for p in points], marker="o",
+                    capsize=3, label=f"{label}, {steps} steps")
+        for w, acc, fid, _ in points:
+            ax.annotate(f"w={w:g}", (acc, fid), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("class accuracy (classifier agrees with the requested class)")
+    ax.set_ylabel("FID (error bars: bootstrap sd)")
+    ax.set_title(f"FID vs class accuracy along the guidance scale - {report['data']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """report.json, report.md and fid_vs_nfe.png in ``out_dir``."""
+    """report.json, report.md and fid_vs_nfe.png in ``out_dir`` (and fid_vs_accuracy.png for a conditional model
+    scored with a classifier of its classes)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "plot": out_dir / "fid_vs_nfe.png"}
     write_json_atomic(paths["json"], report)
     paths["markdown"].write_text(markdown(report))
     plot(report, paths["plot"])
+    if any("class_accuracy" in c["metrics"] for c in report["cells"]):
+        paths["guidance_plot"] = out_dir / "fid_vs_accuracy.png"
+        plot_guidance(report, paths["guidance_plot"])
     return paths
 
 
@@ -132,15 +210,16 @@ def log_to_wandb(report: dict[str, Any], paths: dict[str, Path], project: str = 
                      config={k: v for k, v in report.items() if k != "cells"})
     try:
         metric_names = sorted({m for c in report["cells"] for m in c["metrics"]})
-        table = wandb.Table(columns=["sampler", "S", "NFE", *metric_names, "seconds", "config"])
+        table = wandb.Table(columns=["sampler", "S", "NFE", "guidance_scale", *metric_names, "seconds", "config"])
         for cell in report["cells"]:
-            table.add_data(row_label(row_key(cell["sampler"])), cell["sampler"]["num_steps"], cell["nfe"],
+            table.add_data(row_label(row_key(cell["sampler"])), cell["sampler"]["num_steps"], cell["nfe"], guidance(cell),
                            *[cell["metrics"].get(m) for m in metric_names], cell["seconds"],
                            json.dumps(cell["sampler"], sort_keys=True))
         run.log({"eval/cells": table, "eval/fid_vs_nfe": wandb.Image(str(paths["plot"]))})
         for cell in report["cells"]:
             if "fid" in cell["metrics"]:
-                key = f"eval/best_fid/{row_label(row_key(cell['sampler']))}"
+                w = guidance(cell)
+                key = f"eval/best_fid/{row_label(row_key(cell['sampler']))}" + (f" w={w:g}" if w != 1 else "")
                 run.summary[key] = min(run.summary.get(key, float("inf")), cell["metrics"]["fid"])
         artifact = wandb.Artifact(f"fid-report-{report['checkpoint']['sha256'][:12]}", type="evaluation")
         artifact.add_file(str(paths["json"]))

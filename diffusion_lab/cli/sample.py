@@ -15,7 +15,7 @@ from PIL import Image
 from rich.progress import Progress
 
 from diffusion_lab.cli.common import configure_threads, require_positive, writable_dir
-from diffusion_lab.diffusion.denoiser import Condition, net_contract
+from diffusion_lab.diffusion.denoiser import Condition, check_guidance_scale, net_contract
 from diffusion_lab.config import build_samplers, check_samplers, validate_config
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.cli.guard import main_guard
@@ -35,10 +35,12 @@ def sample(cfg: DictConfig) -> Path:
     require_positive("num_images", cfg.num_images)
     require_positive("batch_size", cfg.batch_size)
     labels = parse_class_labels(cfg.get("class_labels"), cfg.get("guidance_scale", 1.0))
+    per_label = cfg.get("images_per_label", 1)
+    require_positive("images_per_label", per_label)
     samplers = build_samplers(cfg)
     model = load_model(cfg.ckpt, cfg.use_ema, device)
     check_samplers(samplers, model.diffusion)
-    cond = class_condition(labels, cfg.get("guidance_scale", 1.0), model.net, cfg.num_images)
+    cond = class_condition(labels, cfg.get("guidance_scale", 1.0), model.net, cfg.num_images, per_label)
     net, diffusion, sampler = sampling_net(model.net, cfg.precision, cfg.compile), model.diffusion, samplers["sampler"]
     nfe = len(sampler.visited(diffusion))
     out = Path(cfg.out) if cfg.out else model.path.resolve().parent.parent / "samples" / f"{sampler.name}_{nfe}"
@@ -63,7 +65,8 @@ def sample(cfg: DictConfig) -> Path:
     record = {
         "ckpt": str(cfg.ckpt), "sha256": model.sha256, "use_ema": cfg.use_ema, "precision": str(cfg.precision),
         "compile": cfg.compile, "sampler": sampler.config(), "nfe": nfe,
-        "class_labels": labels, "guidance_scale": float(cfg.get("guidance_scale", 1.0)) if labels else None,
+        "class_labels": labels, "images_per_label": per_label if labels else None,
+        "guidance_scale": float(cfg.get("guidance_scale", 1.0)) if labels else None,
         "num_images": cfg.num_images, "seed": cfg.seed, "device": str(device), "seconds": round(seconds, 3),
         "images_per_second": round(cfg.num_images / seconds, 3),
     }
@@ -74,9 +77,7 @@ def sample(cfg: DictConfig) -> Path:
 
 def parse_class_labels(value: Any, guidance_scale: Any) -> list[int] | None:
     """``class_labels`` (null, an int or a list of ints >= 0) and ``guidance_scale`` checked before any loading."""
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 0:
-        raise ConfigError(f"guidance_scale={guidance_scale!r}: needs a number >= 0 (1: the conditional model alone, "
-                          "> 1: guided, 0: unconditional)")
+    guidance_scale = check_guidance_scale(guidance_scale)
     if value is None:
         if guidance_scale != 1:
             raise ConfigError(f"guidance_scale={guidance_scale} needs class_labels=[...] to guide towards, e.g. "
@@ -89,8 +90,10 @@ def parse_class_labels(value: Any, guidance_scale: Any) -> list[int] | None:
     return [int(v) for v in labels]
 
 
-def class_condition(labels: list[int] | None, guidance_scale: float, net: Any, num_images: int) -> Condition | None:
-    """The per-image condition (image i: ``labels[i % len(labels)]``), checked against the model's classes."""
+def class_condition(labels: list[int] | None, guidance_scale: float, net: Any, num_images: int,
+                    images_per_label: int = 1) -> Condition | None:
+    """The per-image condition (image i: ``labels[(i // images_per_label) % len(labels)]``), checked against the
+    model's classes."""
     if labels is None:
         return None
     num_classes = net_contract(net)["num_classes"]
@@ -99,7 +102,8 @@ def class_condition(labels: list[int] | None, guidance_scale: float, net: Any, n
                           "model.net.num_classes=null); sample without class_labels")
     if max(labels) >= num_classes:
         raise ConfigError(f"class_labels={labels}: this model has classes 0 to {num_classes - 1}")
-    per_image = torch.tensor([labels[i % len(labels)] for i in range(num_images)], dtype=torch.long)
+    per_image = torch.tensor([labels[(i // images_per_label) % len(labels)] for i in range(num_images)],
+                             dtype=torch.long)
     return Condition(per_image, float(guidance_scale))
 
 

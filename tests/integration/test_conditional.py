@@ -80,12 +80,23 @@ def test_an_unconditional_pipeline_refuses_class_labels(digits_checkpoint):
 def test_the_sample_command_draws_the_requested_classes(cond_checkpoint, tmp_path):
     out = tmp_path / "samples"
     result = subprocess.run([sys.executable, "-m", "diffusion_lab.cli.sample", f"ckpt={cond_checkpoint}",
-                             "class_labels=[2,5]", "guidance_scale=1.5", "num_images=4", "sampler=ddim",
-                             "sampler.num_steps=4", f"out={out}"], capture_output=True, text=True, timeout=300)
+                             "class_labels=[2,5]", "images_per_label=2", "guidance_scale=1.5", "num_images=4",
+                             "sampler=ddim", "sampler.num_steps=4", f"out={out}"],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((out / "sampling.json").read_text())
-    assert record["class_labels"] == [2, 5] and record["guidance_scale"] == 1.5
+    assert record["class_labels"] == [2, 5] and record["guidance_scale"] == 1.5 and record["images_per_label"] == 2
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    # images_per_label=2: classes 2, 2, 5, 5, each image from the noise of (seed 0, its index)
+    from PIL import Image
+
+    from diffusion_lab.utils.images import to_uint8
+
+    module = load_module(cond_checkpoint)
+    direct = DDIMSampler(num_steps=4).sample(Denoiser(module.ema_net.eval(), module.diffusion), None, (4, 1, 8, 8),
+                                             seed=0, indices=[0, 1, 2, 3], cond=Condition(torch.tensor([2, 2, 5, 5]), 1.5))
+    saved = np.stack([np.array(Image.open(out / "images" / f"{i:06d}.png")) for i in range(4)])
+    np.testing.assert_array_equal(saved, to_uint8(direct)[:, 0].numpy())
 
 
 def test_a_checkpoint_from_before_conditioning_loads_samples_and_resumes(digits_checkpoint, compose_cfg, tmp_path):
@@ -110,3 +121,69 @@ def test_a_checkpoint_from_before_conditioning_loads_samples_and_resumes(digits_
     from pathlib import Path
 
     assert load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")["global_step"] == step + 2
+
+
+def test_eval_has_a_guidance_axis_with_class_accuracy(cond_checkpoint, tmp_path):
+    """Each (sampler, w) cell is scored; class accuracy is the digits classifier's argmax against label i mod 10
+    of the very images the sampler draws; the report has the guidance tables and the FID-vs-accuracy plot, and
+    a rerun resumes every cell."""
+    from PIL import Image
+
+    from diffusion_lab.metrics.extractors import make_extractor
+    from diffusion_lab.metrics.fidelity import extract
+    from diffusion_lab.utils.images import to_uint8
+    from tests.conftest import eval_command
+
+    out = tmp_path / "eval"
+    args = eval_command(cond_checkpoint, out, tmp_path / "data", "num_samples=40", "batch_size=16",
+                        "grid.ddim_eta=[0.0]", "grid.ddim_steps=[4]", "grid.ddpm_variance=[]", "grid.full_steps=false",
+                        "grid.dpm_solver_steps=[]", "grid.guidance_scale=[1,3]", "metrics.kid=false",
+                        "metrics.prc=false", "metrics.isc_splits=2", "metrics.fid_bootstrap=0")
+    first = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    cells = {c["guidance_scale"]: c for c in report["cells"]}
+    assert sorted(cells) == [1.0, 3.0]
+    assert cells[3.0]["class_labels"] == "uniform: image i is drawn for class i mod 10"
+    module = load_module(cond_checkpoint)
+    extractor = make_extractor("digits-classifier")
+    labels = torch.arange(40) % 10
+    for w, cell in cells.items():
+        images = DDIMSampler(num_steps=4).sample(Denoiser(module.ema_net.eval(), module.diffusion), None,
+                                                  (40, 1, 8, 8), seed=0, indices=list(range(40)),
+                                                  cond=Condition(labels, w))
+        _, logits = extract(extractor, [to_uint8(images)], "cpu")
+        assert cell["metrics"]["class_accuracy"] == pytest.approx((logits.argmax(1) == labels).double().mean().item())
+    table = (out / "report.md").read_text()
+    assert "## Classifier-free guidance" in table and "| sampler, S \\ w | 1 | 3 |" in table
+    assert "| DDIM eta=0, 4 |" in table and "### Class accuracy" in table
+    with Image.open(out / "fid_vs_accuracy.png") as plot:
+        assert plot.format == "PNG"
+    second = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert second.returncode == 0 and "resuming: 2 finished cells" in second.stderr + second.stdout
+    assert len(json.loads((out / "report.json").read_text())["cells"]) == 2
+
+
+def test_the_training_callbacks_draw_every_class(cond_checkpoint, tmp_path):
+    """The FID callback's images are drawn for class i mod 10 (and scored for class accuracy); the grid has
+    one row per class."""
+    from types import SimpleNamespace
+
+    from diffusion_lab.callbacks import SampleGrid
+    from diffusion_lab.metrics.evaluate import generate_features
+    from diffusion_lab.metrics.extractors import make_extractor
+
+    module = load_module(cond_checkpoint)
+    sampler = DDIMSampler(num_steps=3)
+    extractor = make_extractor("digits-classifier")
+    _, _, images = generate_features(module.ema_net, module.diffusion, sampler, [3, 4, 15], extractor,
+                                     keep_images=3, guidance_scale=2.0)
+    direct = sampler.sample(Denoiser(module.ema_net.eval(), module.diffusion), None, (3, 1, 8, 8), seed=0,
+                            indices=[3, 4, 15], cond=Condition(torch.tensor([3, 4, 5]), 2.0))
+    assert torch.equal(images, direct)
+    count, cond, per_row = SampleGrid(str(tmp_path), num_images=64, guidance_scale=2.0).layout(module)
+    assert (count, per_row) == (60, 6) and cond.guidance_scale == 2.0
+    assert cond.class_labels.tolist() == [c for c in range(10) for _ in range(6)]
+    unconditional = SimpleNamespace(net=SimpleNamespace(config=SimpleNamespace(num_classes=None)))
+    with pytest.raises(ValueError, match="callbacks.sample_grid.guidance_scale=2 needs a class-conditional model"):
+        SampleGrid(str(tmp_path), guidance_scale=2.0).layout(unconditional)

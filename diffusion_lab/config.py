@@ -76,6 +76,15 @@ def _check_training_objective(cfg: DictConfig) -> None:
     """diffusion-lab-train only (its config has a trainer): a learned variance needs a loss that trains it."""
     if OmegaConf.select(cfg, "trainer._target_", default=None) is None:
         return
+    if OmegaConf.select(cfg, "model.objective", default=None) is not None:
+        defaults = {"loss": "simple", "loss_weighting": "none"}
+        legacy = {k: v for k in defaults if (v := OmegaConf.select(cfg, f"diffusion.{k}", default=defaults[k]))
+                  != defaults[k]}
+        if legacy:
+            raise ConfigError(f"the objective is given twice: model.objective (objective=...) and "
+                              f"{', '.join(f'diffusion.{k}={v}' for k, v in legacy.items())}; choose it once, with "
+                              "objective=simple|min_snr|vlb|hybrid (and leave diffusion.loss at simple)")
+        return  # the module checks the objective against the diffusion when training starts
     if (OmegaConf.select(cfg, "diffusion.variance", default=None) == "learned_range"
             and OmegaConf.select(cfg, "diffusion.loss", default="simple") == "simple"):
         raise ConfigError(LEARNED_SIMPLE_MESSAGE)

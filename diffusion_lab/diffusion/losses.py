@@ -46,6 +46,9 @@ class Objective:
                     noise: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        """Refuse, before training, a diffusion this objective cannot train (checked when training starts)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class SimpleLoss(Objective):
@@ -59,6 +62,10 @@ class SimpleLoss(Objective):
         if prediction.v is not None:
             raise ConfigError(LEARNED_SIMPLE_MESSAGE)
         return self.mse(denoiser, prediction, x0, t, noise)
+
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        if diffusion.learned_variance:
+            raise ConfigError(LEARNED_SIMPLE_MESSAGE)
 
     def mse(self, denoiser: Denoiser, prediction: Prediction, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         target = denoiser.target(x0, t, noise)
@@ -96,6 +103,11 @@ class HybridLoss(SimpleLoss):
     it (needs a learned variance)."""
 
     vlb_weight: float = HYBRID_LAMBDA
+
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        if not diffusion.learned_variance:
+            raise ConfigError("objective=hybrid trains the variance through L_vlb, so it needs "
+                              "diffusion.variance=learned_range; use objective=simple for a fixed variance")
 
     def per_example(self, denoiser: Denoiser, prediction: Prediction, x0: Tensor, x_t: Tensor, t: Tensor,
                     noise: Tensor) -> Tensor:

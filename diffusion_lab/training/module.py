@@ -135,6 +135,10 @@ class DiffusionModule(L.LightningModule):
         # A compiled view of the raw net for training; kept out of the module tree so state_dict keys stay clean.
         self.__dict__["_train_net"] = torch.compile(net) if compile else net
         # The objective (default: the one diffusion.loss names) reads the net only through the denoiser.
+        # model.objective (the `objective` config group, a _target_) or, for runs and checkpoints written before
+        # objectives were config objects, the one diffusion.loss / loss_weighting / min_snr_gamma name.
+        if objective is not None:  # refused at construction, before any start-up work
+            objective.check(diffusion)
         self.objective = objective if objective is not None else objective_for(diffusion)
         self.train_denoiser = Denoiser(self._train_net, diffusion)  # a plain object: adds no state_dict keys
         self.num_classes, self.p_uncond = self.train_denoiser.num_classes, p_uncond

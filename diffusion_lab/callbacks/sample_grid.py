@@ -89,7 +89,8 @@ class SampleGrid(ScheduledCallback):
     def layout(self, pl_module: L.LightningModule) -> tuple[int, Condition | None, int | None]:
         """(images, condition, images per row): ``num_images`` unconditional images, or for a conditional net one
         row per class (the first ``num_images`` classes, one image each, when there are more classes)."""
-        num_classes = net_contract(pl_module.net)["num_classes"]
+        net = getattr(pl_module, "net", None)  # a module without a net config draws unconditionally
+        num_classes = net_contract(net)["num_classes"] if getattr(net, "config", None) is not None else None
         if num_classes is None:
             if self.guidance_scale != 1:
                 raise ConfigError(f"callbacks.sample_grid.guidance_scale={self.guidance_scale:g} needs a "

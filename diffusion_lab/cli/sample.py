@@ -80,7 +80,7 @@ def parse_class_labels(value: Any, guidance_scale: Any) -> list[int] | None:
     guidance_scale = check_guidance_scale(guidance_scale)
     if value is None:
         if guidance_scale != 1:
-            raise ConfigError(f"guidance_scale={guidance_scale} needs class_labels=[...] to guide towards, e.g. "
+            raise ConfigError(f"guidance_scale={guidance_scale:g} needs class_labels=[...] to guide towards, e.g. "
                               "class_labels=[0,1,2,3,4,5,6,7,8,9]")
         return None
     labels = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]

@@ -139,7 +139,7 @@ class DiffusionPipeline:
         guidance_scale = check_guidance_scale(guidance_scale, PipelineArgumentError)
         if class_labels is None:
             if guidance_scale != 1:
-                raise PipelineArgumentError(f"guidance_scale={guidance_scale!r} needs class_labels=[...] to guide "
+                raise PipelineArgumentError(f"guidance_scale={guidance_scale:g} needs class_labels=[...] to guide "
                                             "towards")
             return batch_size, None
         if num_classes is None:

@@ -39,6 +39,14 @@ def net_out_channels(data_channels: int, variance: str) -> int:
     return net_output_channels(data_channels, variance)
 
 
-for _name, _resolver in (("run_group", run_group), ("run_name", run_name), ("net_out_channels", net_out_channels)):
+def samplers() -> str:
+    """``${samplers:}``: the registered samplers (conf/sampler/*.yaml), for the help texts."""
+    from diffusion_lab.samplers.registry import registered
+
+    return ", ".join(registered())
+
+
+for _name, _resolver in (("run_group", run_group), ("run_name", run_name), ("net_out_channels", net_out_channels),
+                         ("samplers", samplers)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)

@@ -19,7 +19,7 @@ import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra
 import torch
@@ -40,8 +40,8 @@ from diffusion_lab.metrics.fidelity import MetricsConfig
 from diffusion_lab.metrics.likelihood import append_markdown, check_nll_config, nll_cell
 from diffusion_lab.metrics.reference import get_reference
 from diffusion_lab.reports.fid_report import log_to_wandb, write_report
-from diffusion_lab.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
 from diffusion_lab.samplers.base import Sampler
+from diffusion_lab.samplers.registry import build
 from diffusion_lab.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,8 @@ log = logging.getLogger(__name__)
 RESUME_KEYS = ("checkpoint", "data", "extractor", "num_samples", "seed", "metrics_config", "precision")
 
 
-# The grid's rows (conf/eval.yaml); a row not listed here would be ignored, so it is refused instead.
-GRID_ROWS = ("ddim_eta", "ddim_steps", "ddim_clip_denoised", "ddpm_variance", "ddpm_steps", "full_steps",
-             "dpm_solver_steps", "dpm_solver_clip_denoised", "guidance_scale")
+# The grid's keys (conf/eval.yaml); any other key would be ignored, so it is refused instead.
+GRID_KEYS = ("samplers", "steps", "guidance_scale")
 
 
 def guidance_axis(cfg: DictConfig, net: Any = None) -> list[float]:
@@ -82,42 +81,43 @@ def cell_key(sampler_config: dict[str, Any], guidance_scale: float) -> str:
 
 
 def grid(cfg: DictConfig, diffusion: GaussianDiffusion | None = None) -> list[Sampler]:
-    """The grid's cells (DDIM's Table 1 rows x steps), each built and, given the model's ``diffusion``, checked
-    against it; a bad row or value is a :class:`ConfigError` naming the ``grid.<row>`` it came from."""
-    g, spacing = cfg.grid, cfg.spacing
-    unknown = [str(k) for k in g if str(k) not in GRID_ROWS]
+    """The grid's cells: each row of ``grid.samplers`` (a registered sampler, samplers/registry.py) at each of its
+    ``steps`` (the row's own, else ``grid.steps``; null: all T timesteps), built and, given the model's
+    ``diffusion``, checked against it. A bad row or value is a :class:`ConfigError` naming the row."""
+    g = cfg.grid
+    unknown = [str(k) for k in g if str(k) not in GRID_KEYS]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], GRID_ROWS, n=1)
-        raise ConfigError(f"unknown grid row grid.{unknown[0]}{f' (did you mean grid.{close[0]}?)' if close else ''}; "
-                          f"the rows are: {', '.join(GRID_ROWS)}")
+        close = difflib.get_close_matches(unknown[0], GRID_KEYS, n=1)
+        raise ConfigError(f"unknown grid key grid.{unknown[0]}{f' (did you mean grid.{close[0]}?)' if close else ''}; "
+                          f"the keys are: {', '.join(GRID_KEYS)} (samplers are rows of grid.samplers)")
+    rows = g.get("samplers") or []
+    if not isinstance(rows, (list, ListConfig)):
+        raise ConfigError(f"grid.samplers={rows!r} must be a list of rows, e.g. grid.samplers=[ddim,dpm_solver] or "
+                          "'grid.samplers=[{sampler: ddim, eta: 1.0, steps: [10, 50]}]'")
     T = diffusion.num_timesteps if diffusion is not None else None
-    full = [None] if g.get("full_steps") else []  # num_steps=None: all T steps
-    cells: list[tuple[str, Callable[[], Sampler]]] = []
-    for eta in g.get("ddim_eta") or []:
-        for s in list(g.get("ddim_steps") or []) + (full if eta == 0.0 else []):
-            cells.append(("ddim_steps", lambda s=s, eta=eta: DDIMSampler(
-                num_steps=s, eta=float(eta), spacing=spacing, clip_denoised=bool(g.get("ddim_clip_denoised", False)))))
-    for variance in g.get("ddpm_variance") or []:
-        for s in list(g.get("ddpm_steps") or []) + full:
-            cells.append(("ddpm_variance", lambda s=s, v=variance: DDPMSampler(num_steps=s, variance=v, spacing=spacing)))
-    for s in g.get("dpm_solver_steps") or []:
-        cells.append(("dpm_solver_steps", lambda s=s: DPMSolverSampler(
-            num_steps=s, clip_denoised=bool(g.get("dpm_solver_clip_denoised", True)))))
-    samplers = []
-    for row, build in cells:
+    samplers: list[Sampler] = []
+    for i, row in enumerate(rows):
+        row = OmegaConf.to_container(row, resolve=True) if isinstance(row, DictConfig) else row
+        where = f"grid.samplers[{i}]" + (f" ({row})" if isinstance(row, str) else
+                                          f" ({row.get('sampler') or row.get('_target_')})" if isinstance(row, dict) else "")
         try:
-            sampler = build()
-            if diffusion is not None:
-                sampler.check(diffusion)
+            if not isinstance(row, (str, dict)):
+                raise ConfigError(f"a row is a sampler name or a mapping, not {row!r}")
+            fields = {"sampler": row} if isinstance(row, str) else dict(row)
+            if cfg.get("spacing") is not None and "spacing" not in fields:
+                fields["spacing"] = cfg.spacing  # the grid-wide spacing, unless the row sets its own
+            steps = fields.get("steps", g.get("steps"))
+            for s in list(steps) if isinstance(steps, (list, tuple, ListConfig)) else [steps]:
+                sampler = build(fields, num_steps=s)
+                if diffusion is not None:
+                    sampler.check(diffusion)
+                samplers.append(dataclasses.replace(sampler, num_steps=T) if T is not None and s is None else sampler)
         except ConfigError as error:
-            raise ConfigError(f"grid.{row}: {error}") from None
-        samplers.append(sampler)
-    if T is not None:  # S = T spelled out, as before (the report keys cells by their config)
-        samplers = [dataclasses.replace(s, num_steps=T) if s.num_steps is None else s for s in samplers]
+            raise ConfigError(f"{where}: {error}") from None
     if not samplers and not cfg.nll.enabled:
-        raise ConfigError("the evaluation grid is empty (every row is [] or has no steps), so there is nothing to "
-                          "evaluate; give a row, e.g. grid.ddim_eta=[0.0] grid.ddim_steps=[50], or nll.enabled=true "
-                          "for the bound alone")
+        raise ConfigError("the evaluation grid is empty (grid.samplers=[] or every row has steps: []), so there is "
+                          "nothing to evaluate; give a row, e.g. grid.samplers=[ddim] grid.steps=[50], or "
+                          "nll.enabled=true for the bound alone")
     return samplers
 
 

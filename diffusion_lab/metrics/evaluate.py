@@ -119,7 +119,7 @@ def evaluate(net: nn.Module, diffusion: GaussianDiffusion, sampler: Sampler, num
     conditioning = {} if num_classes is None else {
         "guidance_scale": float(guidance_scale), "class_labels": f"uniform: image i is drawn for class i mod {num_classes}"}
     return {
-        "sampler": sampler.config(), **conditioning, "nfe": len(sampler.visited(diffusion)), "num_samples": num_samples,
+        "sampler": sampler.config(), "label": sampler.label(), **conditioning, "nfe": len(sampler.visited(diffusion)), "num_samples": num_samples,
         "seed": seed, "metrics": scores, "extractor": extractor.get_name(),
         "reference": {k: reference.get(k) for k in ("key", "num_images", "path")},
         "seconds": round(time.perf_counter() - start, 3), "versions": library_versions(),

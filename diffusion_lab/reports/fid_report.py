@@ -11,27 +11,41 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffusion_lab.reports.paper import PAPER_FID
+from diffusion_lab.reports.paper import PAPER_FID, published
 from diffusion_lab.utils.io import save_figure_atomic, write_json_atomic
 
 
-def row_key(sampler: dict[str, Any]) -> tuple:
-    """The table row of a sampler config: ("ddim", eta), ("ddpm", variance) or ("dpm_solver", None)."""
-    name = sampler["name"]
-    if name == "ddim":
-        return ("ddim", float(sampler["eta"]))
-    if name == "ddpm":
-        return ("ddpm", sampler["variance"])
-    return (name, None)
+def cell_label(cell: dict[str, Any]) -> str:
+    """A cell's row: the label its sampler gave it (``Sampler.label()``, saved in the cell), or for cells saved
+    without one, the label of the registered sampler its config names (its bare name when that is gone)."""
+    if cell.get("label"):
+        return cell["label"]
+    return label_of(cell["sampler"])
 
 
-def row_label(key: tuple) -> str:
-    name, value = key
-    if name == "ddim":
-        return f"DDIM eta={value:g}"
-    if name == "ddpm":
-        return "DDPM fixed_large (sigma-hat)" if value == "fixed_large" else "DDPM fixed_small"
-    return {"dpm_solver": "DPM-Solver++(2M)"}.get(name, name)
+def label_of(config: dict[str, Any]) -> str:
+    from diffusion_lab.samplers.registry import build
+
+    fields = {k: v for k, v in config.items() if k != "name"}
+    try:
+        return build({"sampler": config["name"], **fields}).label()
+    except Exception:  # a sampler no longer registered, or a field it no longer has: its name alone
+        return str(config["name"])
+
+
+def rows_in_order(cells: list[dict[str, Any]]) -> list[str]:
+    """The rows in the order the grid listed them."""
+    return list(dict.fromkeys(cell_label(c) for c in cells))
+
+
+def _cell_text(cell: dict[str, Any] | None, metric: str) -> str:
+    """One table entry: 3 decimals for rates, 2 for the rest, and FID's bootstrap sd; empty for a missing cell."""
+    if cell is None or metric not in cell["metrics"]:
+        return ""
+    text = f"{cell['metrics'][metric]:.{3 if metric in ('precision', 'recall', 'class_accuracy') else 2}f}"
+    if metric == "fid" and "fid_std" in cell["metrics"]:
+        text += f" +- {cell['metrics']['fid_std']:.2f}"
+    return text
 
 
 def guidance(cell: dict[str, Any]) -> float:
@@ -42,8 +56,8 @@ def guidance(cell: dict[str, Any]) -> float:
 def guidance_section(cells: list[dict[str, Any]]) -> list[str]:
     """Tables of every metric against the guidance scale, one row per (sampler, S)."""
     scales = sorted({guidance(c) for c in cells})
-    rows = sorted({(row_key(c["sampler"]), c["sampler"]["num_steps"]) for c in cells}, key=str)
-    by = {(row_key(c["sampler"]), c["sampler"]["num_steps"], guidance(c)): c for c in cells}
+    rows = list(dict.fromkeys((cell_label(c), c["sampler"]["num_steps"]) for c in cells))
+    by = {(cell_label(c), c["sampler"]["num_steps"], guidance(c)): c for c in cells}
     labels = sorted({c["class_labels"] for c in cells if c.get("class_labels")})
     lines = ["## Classifier-free guidance", "",
              "Guidance scale w (diffusers' `guidance_scale`): 1 is the conditional model alone, > 1 guided; a guided "
@@ -57,17 +71,8 @@ def guidance_section(cells: list[dict[str, Any]]) -> list[str]:
         lines += [f"### {title}", "", "| sampler, S \\ w | " + " | ".join(f"{w:g}" for w in scales) + " |",
                   "|---|" + "---|" * len(scales)]
         for key, steps in rows:
-            out = []
-            for w in scales:
-                cell = by.get((key, steps, w))
-                if cell is None or metric not in cell["metrics"]:
-                    out.append("")
-                    continue
-                text = f"{cell['metrics'][metric]:.{2 if metric in ('fid', 'is') else 3}f}"
-                if metric == "fid" and "fid_std" in cell["metrics"]:
-                    text += f" +- {cell['metrics']['fid_std']:.2f}"
-                out.append(text)
-            lines.append(f"| {row_label(key)}, {steps} | " + " | ".join(out) + " |")
+            out = [_cell_text(by.get((key, steps, w)), metric) for w in scales]
+            lines.append(f"| {key}, {steps} | " + " | ".join(out) + " |")
         lines.append("")
     return lines
 
@@ -76,10 +81,9 @@ def markdown(report: dict[str, Any]) -> str:
     conditional = [c for c in report["cells"] if "guidance_scale" in c]
     cells = [c for c in report["cells"] if guidance(c) == 1.0]
     steps = sorted({c["sampler"]["num_steps"] for c in cells})
-    order = [("ddim", 0.0), ("ddim", 0.2), ("ddim", 0.5), ("ddim", 1.0), ("ddpm", "fixed_large"), ("ddpm", "fixed_small")]
-    rows = sorted({row_key(c["sampler"]) for c in cells}, key=lambda k: (order.index(k) if k in order else 99, str(k)))
-    paper = PAPER_FID.get(report.get("data", ""), {})
-    by = {(row_key(c["sampler"]), c["sampler"]["num_steps"]): c for c in cells}
+    rows = rows_in_order(cells)
+    data = report.get("data", "")
+    by = {(cell_label(c), c["sampler"]["num_steps"]): c for c in cells}
     lines = [
         f"# FID report: {report['checkpoint']['path']}",
         "",
@@ -93,22 +97,17 @@ def markdown(report: dict[str, Any]) -> str:
     for metric, title in tables:
         if not any(metric in c["metrics"] for c in cells):
             continue
-        lines += [f"## {title}" + (" - ours (paper)" if paper and metric == "fid" else ""), "",
+        lines += [f"## {title}" + (" - ours (paper)" if data in PAPER_FID and metric == "fid" else ""), "",
                   "| sampler \\ S | " + " | ".join(str(s) for s in steps) + " |",
                   "|---|" + "---|" * len(steps)]
         for key in rows:
             out = []
             for s in steps:
                 cell = by.get((key, s))
-                if cell is None or metric not in cell["metrics"]:
-                    out.append("")
-                    continue
-                text = f"{cell['metrics'][metric]:.{3 if metric in ('precision', 'recall') else 2}f}"
-                if metric == "fid" and "fid_std" in cell["metrics"]:
-                    text += f" +- {cell['metrics']['fid_std']:.2f}"
-                published = paper.get(key, {}).get(s) if metric == "fid" else None
-                out.append(f"{text} ({published:.2f})" if published is not None else text)
-            lines.append(f"| {row_label(key)} | " + " | ".join(out) + " |")
+                text = _cell_text(cell, metric)
+                paper = published(data, cell["sampler"], s) if text and metric == "fid" else None
+                out.append(f"{text} ({paper:.2f})" if paper is not None else text)
+            lines.append(f"| {key} | " + " | ".join(out) + " |")
         lines.append("")
     if conditional:
         lines += guidance_section(conditional)
@@ -134,15 +133,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    series: dict[tuple, list[tuple[int, float, float]]] = {}
+    series: dict[str, list[tuple[int, float, float]]] = {}
     for c in report["cells"]:
         if "fid" in c["metrics"] and guidance(c) == 1.0:
-            series.setdefault(row_key(c["sampler"]), []).append((c["nfe"], c["metrics"]["fid"],
-                                                                 c["metrics"].get("fid_std", 0.0)))
-    for key, points in sorted(series.items(), key=lambda kv: str(kv[0])):
+            series.setdefault(cell_label(c), []).append((c["nfe"], c["metrics"]["fid"], c["metrics"].get("fid_std", 0.0)))
+    for key, points in series.items():
         points.sort()
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                    capsize=3, label=row_label(key))
+                    capsize=3, label=key)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations (NFE)")
@@ -166,9 +164,9 @@ def plot_guidance(report: dict[str, Any], path: Path) -> None:
     for c in report["cells"]:
         m = c["metrics"]
         if "guidance_scale" in c and "fid" in m and "class_accuracy" in m:
-            key = (row_label(row_key(c["sampler"])), c["sampler"]["num_steps"])
+            key = (cell_label(c), c["sampler"]["num_steps"])
             series.setdefault(key, []).append((guidance(c), m["class_accuracy"], m["fid"], m.get("fid_std", 0.0)))
-    for (label, steps), points in sorted(series.items(), key=str):
+    for (label, steps), points in series.items():
         points.sort()
         ax.errorbar([p[1] for p in points], [p[2] for p in points], yerr=[p[3] for p in points], marker="o",
                     capsize=3, label=f"{label}, {steps} steps")
@@ -212,14 +210,14 @@ def log_to_wandb(report: dict[str, Any], paths: dict[str, Path], project: str = 
         metric_names = sorted({m for c in report["cells"] for m in c["metrics"]})
         table = wandb.Table(columns=["sampler", "S", "NFE", "guidance_scale", *metric_names, "seconds", "config"])
         for cell in report["cells"]:
-            table.add_data(row_label(row_key(cell["sampler"])), cell["sampler"]["num_steps"], cell["nfe"], guidance(cell),
+            table.add_data(cell_label(cell), cell["sampler"]["num_steps"], cell["nfe"], guidance(cell),
                            *[cell["metrics"].get(m) for m in metric_names], cell["seconds"],
                            json.dumps(cell["sampler"], sort_keys=True))
         run.log({"eval/cells": table, "eval/fid_vs_nfe": wandb.Image(str(paths["plot"]))})
         for cell in report["cells"]:
             if "fid" in cell["metrics"]:
                 w = guidance(cell)
-                key = f"eval/best_fid/{row_label(row_key(cell['sampler']))}" + (f" w={w:g}" if w != 1 else "")
+                key = f"eval/best_fid/{cell_label(cell)}" + (f" w={w:g}" if w != 1 else "")
                 run.summary[key] = min(run.summary.get(key, float("inf")), cell["metrics"]["fid"])
         artifact = wandb.Artifact(f"fid-report-{report['checkpoint']['sha256'][:12]}", type="evaluation")
         artifact.add_file(str(paths["json"]))

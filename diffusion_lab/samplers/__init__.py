@@ -7,7 +7,16 @@ from diffusion_lab.samplers.dpm_solver import DPMSolverSampler
 from diffusion_lab.samplers.noise import Noise, image_seed
 from diffusion_lab.samplers.timesteps import SPACINGS, timesteps
 
-SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm_solver": DPMSolverSampler}
+
+
+def __getattr__(name: str):
+    """``SAMPLERS``: registered name -> class, read from conf/sampler/*.yaml (samplers/registry.py)."""
+    if name == "SAMPLERS":
+        from diffusion_lab.samplers.registry import classes
+
+        return classes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Sampler", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "SAMPLERS", "SPACINGS", "Noise", "image_seed",

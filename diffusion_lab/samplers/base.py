@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,9 @@ class Sampler:
     progress: bool = False
 
     name = "base"
+    title = ""  # how reports name it ("DDIM"); empty: the name
+    label_fields: ClassVar[tuple[str, ...]] = ()  # fields every label shows, default or not (DDIM's eta)
+    title_fields: ClassVar[tuple[str, ...]] = ()  # fields a subclass's _title() already shows
 
     def __post_init__(self) -> None:
         steps = self.num_steps
@@ -52,6 +55,20 @@ class Sampler:
     def config(self) -> dict:
         """The record logged with every result: the name and every field but the progress switch."""
         return {"name": self.name, **{k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}}
+
+    def label(self) -> str:
+        """The row name in reports and plots: the title, the ``label_fields``, then every other field (but
+        num_steps and progress) that differs from the class default, so two different configs never share a label.
+        """
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        shown = [f"{k}={_show(getattr(self, k))}" for k in self.label_fields]
+        other = [f"{k}={_show(v)}" for k, v in dataclasses.asdict(self).items()
+                 if k not in ("num_steps", "progress", *self.label_fields, *self.title_fields) and v != defaults[k]]
+        head = " ".join([self._title(), *shown[:1]])
+        return ", ".join([head, *shown[1:], *other])  # "DDIM eta=0", "DDIM eta=1, spacing=quadratic"
+
+    def _title(self) -> str:
+        return self.title or self.name
 
     def visited(self, diffusion: GaussianDiffusion) -> list[int]:
         """The timesteps this sampler evaluates the network at, in order; its length is the NFE."""
@@ -113,3 +130,7 @@ class Sampler:
     @staticmethod
     def _t(x: Tensor, t: int) -> Tensor:
         return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+def _show(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -26,6 +26,8 @@ class DDIMSampler(Sampler):
     eta: float = 0.0
     use_clipped_model_output: bool = False
     name = "ddim"
+    title = "DDIM"
+    label_fields = ("eta",)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -28,6 +28,10 @@ class DDPMSampler(Sampler):
 
     variance: Variance = "fixed_large"
     name = "ddpm"
+    title_fields = ("variance",)
+
+    def _title(self) -> str:
+        return {"fixed_large": "DDPM fixed_large (sigma-hat)"}.get(self.variance, f"DDPM {self.variance}")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -29,6 +29,7 @@ class DPMSolverSampler(Sampler):
     spacing: Spacing = "logsnr"
     clip_denoised: bool = False  # the ODE solver as published; True clips each x0 prediction to [-1, 1]
     name = "dpm_solver"
+    title = "DPM-Solver++(2M)"
 
     def run(self, denoiser: Denoiser, x: Tensor, noise: NoiseFn, cond: Condition | None = None) -> Tensor:
         diffusion = denoiser.diffusion

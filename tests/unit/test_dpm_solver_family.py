@@ -118,9 +118,9 @@ def test_dpm_solver_3m_without_lower_order_final_matches_diffusers(spacing):
     ours = DPMSolver3MSampler(num_steps=10, spacing=spacing, lower_order_final=False)
     result = run_lockstep(ours, 3, "dpmsolver++", lower_order_final=False)
     assert_lockstep(*result)
+    d = GaussianDiffusion(1000)
     lowered = DPMSolver3MSampler(num_steps=10, spacing=spacing).sample(
-        gaussian_eps(GaussianDiffusion(1000), 0.2, 0.6), GaussianDiffusion(1000), (4, 1, 4, 4),
-        x_T=torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0)))
+        gaussian_eps(d, 0.2, 0.6), d, (4, 1, 4, 4), x_T=torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0)))
     assert (lowered - result[3]).abs().max() > 1e-4  # the switch changed the output
 
 

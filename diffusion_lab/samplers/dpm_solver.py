@@ -1,4 +1,8 @@
-"""DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2) on the discrete-time DDPM model."""
+"""DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2) on the discrete-time DDPM model.
+
+:func:`log_snr_schedule` holds the symbols the whole DPM-Solver family (2M here, 3M in ``dpm_solver_3m``, the SDE
+variant in ``sde_dpm_solver``) shares: alpha_t, sigma_t and lambda_t of every training timestep.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,17 @@ import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.denoiser import Condition, Denoiser
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.samplers.base import NoiseFn, Sampler
 from diffusion_lab.samplers.timesteps import Spacing
+
+
+def log_snr_schedule(diffusion: GaussianDiffusion, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(alpha, sigma, lambda) of every training timestep t: alpha_t = sqrt(alpha-bar_t), sigma_t = sqrt(1 -
+    alpha-bar_t), lambda_t = log(alpha_t / sigma_t) (half the log-SNR), each a length-T tensor of ``dtype``."""
+    ac = diffusion.alphas_cumprod.to(dtype)
+    alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
+    return alpha, sigma, torch.log(alpha) - torch.log(sigma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +47,7 @@ class DPMSolverSampler(Sampler):
     def run(self, denoiser: Denoiser, x: Tensor, noise: NoiseFn, cond: Condition | None = None) -> Tensor:
         diffusion = denoiser.diffusion
         steps = self.visited(diffusion)
-        ac = diffusion.alphas_cumprod.to(x.dtype)
-        alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
-        lam = torch.log(alpha) - torch.log(sigma)
+        alpha, sigma, lam = log_snr_schedule(diffusion, x.dtype)
         x0_prev: Tensor | None = None
         h_prev: Tensor | None = None
         for i in self._progress(list(range(len(steps)))):

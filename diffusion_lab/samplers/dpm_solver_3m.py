@@ -35,6 +35,7 @@ class DPMSolver3MSampler(Sampler):
     clip_denoised: bool = False  # the ODE solver as published; True clips each x0 prediction to [-1, 1]
     lower_order_final: bool = True  # below 15 steps the second-to-last step is second order (as in diffusers)
     name = "dpm_solver_3m"
+    title = "DPM-Solver++(3M)"
 
     def run(self, denoiser: Denoiser, x: Tensor, noise: NoiseFn, cond: Condition | None = None) -> Tensor:
         diffusion = denoiser.diffusion

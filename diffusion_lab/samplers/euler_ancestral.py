@@ -31,6 +31,7 @@ class EulerAncestralSampler(Sampler):
     clip_denoised: bool = False
     eta: float = 1.0
     name = "euler_ancestral"
+    title = "Euler ancestral"
 
     def __post_init__(self) -> None:
         super().__post_init__()

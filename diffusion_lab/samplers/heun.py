@@ -32,6 +32,7 @@ class HeunSampler(Sampler):
     spacing: Spacing = "trailing"
     clip_denoised: bool = False  # the ODE solver as published
     name = "heun"
+    title = "Heun (EDM)"
 
     def visited(self, diffusion: GaussianDiffusion) -> list[int]:
         steps = super().visited(diffusion)

@@ -41,6 +41,7 @@ class IPNDMSampler(Sampler):
     clip_denoised: bool = False  # the ODE solver as published
     order: int = 4
     name = "ipndm"
+    title = "iPNDM"
 
     def __post_init__(self) -> None:
         super().__post_init__()

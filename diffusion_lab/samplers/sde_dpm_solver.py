@@ -31,6 +31,7 @@ class SDEDPMSolverSampler(Sampler):
     spacing: Spacing = "logsnr"
     clip_denoised: bool = False  # the solver as published; True clips each x0 prediction to [-1, 1]
     name = "sde_dpm_solver"
+    title = "SDE-DPM-Solver++(2M)"
 
     def run(self, denoiser: Denoiser, x: Tensor, noise: NoiseFn, cond: Condition | None = None) -> Tensor:
         diffusion = denoiser.diffusion

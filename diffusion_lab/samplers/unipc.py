@@ -52,6 +52,8 @@ class UniPCSampler(Sampler):
     corrector: bool = True  # UniC after each step but the last (no extra network evaluation)
     lower_order_final: bool = True
     name = "unipc"
+    title = "UniPC"
+    label_fields = ("variant", "order")
 
     def __post_init__(self) -> None:
         super().__post_init__()

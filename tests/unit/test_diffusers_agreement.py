@@ -114,3 +114,21 @@ def test_ddpm_learned_range_matches_diffusers(num_steps, clip):
     for t, t_prev in zip(steps, steps[1:] + [-1]):
         x_fixed = fixed.step(Denoiser(net, d), x_fixed, t, t_prev, noise)
     assert (x_fixed - x_ours).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("num_steps", [2, 5, 10, 20, 50])
+def test_karras_spacing_is_diffusers_karras_timesteps(num_steps):
+    """``karras``: the integer timesteps of Karras et al.'s rho = 7 sigmas. diffusers' DPMSolverMultistepScheduler
+    (use_karras_sigmas=True) rounds the same sigmas to the same timesteps, but then steps with the unrounded sigmas;
+    this project steps with the sigmas of the timesteps the net is evaluated at (the model knows only those)."""
+    from diffusion_lab.samplers.timesteps import karras_sigmas, timesteps
+
+    d = GaussianDiffusion(1000)
+    theirs = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                                   use_karras_sigmas=True)
+    theirs.set_timesteps(num_steps)
+    ours = timesteps(1000, num_steps, "karras", d.alphas_cumprod)
+    assert ours == theirs.timesteps.tolist()
+    sigma = ((1 - d.alphas_cumprod) / d.alphas_cumprod).sqrt().numpy()
+    torch.testing.assert_close(torch.from_numpy(karras_sigmas(num_steps, sigma[0], sigma[-1])),
+                               theirs.sigmas[:-1].double(), rtol=1e-4, atol=0)

@@ -27,7 +27,9 @@ class SampleGrid(ScheduledCallback):
     A grid is drawn at every multiple of ``every_n_steps`` (0: none), at each step listed in ``at_steps`` (early
     previews, e.g. ``[250, 500]``) and, with ``on_train_end``, when training ends.
     Files: ``<dirpath>/step_<global step>.png`` and a copy of the newest as ``<dirpath>/last.png``.
-    ``sampler`` overrides the module's configured sampler (e.g. a 20-step DPM-Solver++ for cheap previews).
+    ``sampler`` overrides the module's configured sampler (e.g. a 20-step DPM-Solver++ for cheap previews), and
+    ``final_sampler`` the sampler of the last grid of the run (the one drawn at ``trainer.max_steps`` or when training
+    ends): cheap previews during the run, the expensive sampler once, for the grid people look at.
     A class-conditional model draws one row per class (``num_images // num_classes`` images each, at
     ``guidance_scale``), so a class the model has not learnt shows as a bad row.
     """
@@ -42,6 +44,7 @@ class SampleGrid(ScheduledCallback):
         on_train_end: bool = True,
         at_steps: Sequence[int] = (),
         guidance_scale: float = 1.0,
+        final_sampler: Sampler | None = None,
     ) -> None:
         super().__init__("callbacks.sample_grid", every_n_steps, at_steps, on_train_end)
         check_count("callbacks.sample_grid.num_images", num_images, 1, 64)
@@ -50,25 +53,42 @@ class SampleGrid(ScheduledCallback):
         except ConfigError as error:
             raise error.at("callbacks.sample_grid") from None
         self.dirpath, self.num_images, self.sampler, self.seed = Path(dirpath), num_images, sampler, seed
+        self.final_sampler = final_sampler
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.layout(pl_module)  # a guidance scale an unconditional model cannot use fails before training
 
     def fire(self, trainer: L.Trainer, pl_module: L.LightningModule, at_end: bool) -> None:
-        self.write(trainer, pl_module)
+        self.write(trainer, pl_module, final=at_end or _is_last_step(trainer, trainer.global_step))
 
-    def evaluations_per_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+    def sampler_for(self, pl_module: L.LightningModule, final: bool) -> Sampler:
+        """The sampler of a grid: ``final_sampler`` for the run's last grid (when set), else ``sampler``, else the
+        module's own."""
+        return (final and self.final_sampler) or self.sampler or pl_module.sampler
+
+    def evaluations_per_run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> int:
         """Only rank 0 draws the grid."""
         if trainer.global_rank != 0:
             return 0
         num_images, cond, _ = self.layout(pl_module)
         branches = 2 if cond is not None and cond.guidance_scale != 1 else 1  # both in one batched forward
-        return branches * num_images * len((self.sampler or pl_module.sampler).visited(pl_module.diffusion))
+        return branches * num_images * len(self.sampler_for(pl_module, final).visited(pl_module.diffusion))
+
+    def remaining_evaluations(self, trainer: L.Trainer, pl_module: L.LightningModule, last_step: int) -> int:
+        """As the base class, with the last grid (still to come when ``last_step`` is ahead) at its own sampler."""
+        runs = self.schedule.remaining_runs(trainer.global_step, last_step) if self.enabled else 0
+        if not runs:
+            return 0
+        final_left = self.schedule.on_train_end or self.schedule.is_due(last_step)
+        if self.final_sampler is None or not final_left:
+            return runs * self.evaluations_per_run(trainer, pl_module)
+        return (runs - 1) * self.evaluations_per_run(trainer, pl_module) + \
+            self.evaluations_per_run(trainer, pl_module, final=True)
 
     @rank_zero_only
-    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> Path:
         step = trainer.global_step
-        sampler = self.sampler or pl_module.sampler
+        sampler = self.sampler_for(pl_module, final)
         with self.clock.measure(self.num_images * len(sampler.visited(pl_module.diffusion))):
             # A private generator: the grid sees the same noise each time and leaves the training RNG untouched.
             generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
@@ -100,6 +120,12 @@ class SampleGrid(ScheduledCallback):
         per_row = max(1, self.num_images // num_classes)
         labels = torch.arange(min(num_classes, self.num_images)).repeat_interleave(per_row)
         return len(labels), Condition(labels, self.guidance_scale), per_row
+
+
+def _is_last_step(trainer: L.Trainer, step: int) -> bool:
+    """Whether ``step`` is the run's last optimizer step (a periodic grid there is the final grid)."""
+    max_steps = getattr(trainer, "max_steps", -1)
+    return max_steps is not None and max_steps > 0 and step >= max_steps
 
 
 def _describe(sampler: Sampler, pl_module: L.LightningModule) -> str:

@@ -144,3 +144,29 @@ def test_bad_callback_arguments_are_config_errors_naming_the_key_and_fix(make, s
     message = str(info.value)
     assert message.startswith(start), message
     assert "e.g. " in message or "use " in message or "list " in message  # the fix
+
+
+@pytest.mark.parametrize("every, at, end, max_steps", [(1000, [500], True, 3000), (1000, [500], True, 2500),
+                                                       (1000, [], False, 3000), (0, [3], True, 9)])
+def test_the_last_grid_uses_final_sampler_and_the_eta_prices_it(monkeypatch, every, at, end, max_steps):
+    """Grids at every periodic step use ``sampler``; the run's last grid (at max_steps, periodic or the end run)
+    uses ``final_sampler``. The remaining evaluations are (runs - 1) x the preview's + 1 x the final one's."""
+    preview, final = SimpleNamespace(visited=lambda d: list(range(20))), SimpleNamespace(visited=lambda d: list(range(1000)))
+    grid = SampleGrid(dirpath="unused", every_n_steps=every, at_steps=at, on_train_end=end, num_images=4,
+                      sampler=preview, final_sampler=final)
+    module = SimpleNamespace(net=None, sampler=None, diffusion=None)
+    drawn: list[tuple[int, int]] = []
+    monkeypatch.setattr(SampleGrid, "write", lambda self, trainer, pl_module, final=False: drawn.append(
+        (trainer.global_step, len(self.sampler_for(pl_module, final).visited(None)))))
+    trainer = SimpleNamespace(global_step=0, global_rank=0, max_steps=max_steps)
+    runs = grid.schedule.remaining_runs(0, max_steps)
+    has_last = end or grid.schedule.is_due(max_steps)
+    expected = 4 * (20 * (runs - 1) + 1000) if has_last else 4 * 20 * runs
+    assert grid.remaining_evaluations(trainer, module, max_steps) == expected
+    for step in range(1, max_steps + 1):
+        trainer.global_step = step
+        grid.on_train_batch_end(trainer, module)
+    grid.on_train_end(trainer, module)
+    assert len(drawn) == runs
+    assert [n for s, n in drawn] == [1000 if s == max_steps else 20 for s, _ in drawn]
+    assert (drawn[-1] == (max_steps, 1000)) == has_last

@@ -3,7 +3,8 @@
 For each run: its overrides, status (failed runs keep their error), wall time, and the final and best value of
 every logged metric (from ``csv/metrics.csv``). Written as ``sweep_report.md`` (sorted by the chosen metric,
 showing only the overrides that differ between runs), ``sweep_report.csv`` (everything) and
-``sweep_report.png`` (the metric and the training loss against steps, one line per run).
+``sweep_report.png`` (the metric and the training loss against steps, one line per run, and the final metric
+against each run's wall time).
 """
 
 from __future__ import annotations
@@ -200,7 +201,19 @@ def plot(runs: list[dict[str, Any]], metric: str, path: Path) -> None:
 
     _, varying = varying_overrides(runs)
     panels = [metric] + (["train/loss"] if metric != "train/loss" else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    timed = [r for r in runs if r["wall_seconds"] and metric in r["final"]]
+    fig, axes = plt.subplots(1, len(panels) + bool(timed), figsize=(6 * (len(panels) + bool(timed)), 4.5),
+                             squeeze=False)
+    if timed:  # the trade-off a recipe is chosen on: the final metric against the run's wall time
+        ax = axes[0][-1]
+        for r in timed:
+            ax.scatter(r["wall_seconds"] / 60, r["final"][metric], s=30)
+            ax.annotate(f"{r['job']}", (r["wall_seconds"] / 60, r["final"][metric]), textcoords="offset points",
+                        xytext=(4, 3), fontsize=7)
+        ax.set_xlabel("wall time of the run (min)")
+        ax.set_ylabel(f"final {metric}")
+        ax.set_title(f"final {metric} vs wall time")
+        ax.grid(True, alpha=0.3)
     for ax, name in zip(axes[0], panels):
         for r in runs:
             points = r["history"].get(name)

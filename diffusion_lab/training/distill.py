@@ -542,7 +542,8 @@ class DistillationModule(DiffusionModule):
         if self.trainer.global_rank != 0:  # rank 0 writes; the others know the name
             return {"file": str(path.resolve()), "sha256": None}
         config = student_config(self.original_teacher.config or {}, self.diffusion, self.sampler,
-                                entry | {"original_teacher": dict(self.original_teacher.identity),
+                                entry | {"file": str(path.resolve()),
+                                         "original_teacher": dict(self.original_teacher.identity),
                                          "schedule": self.schedule.record()})
         state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
         checkpoint = {"state_dict": state, "global_step": int(self.global_step), "epoch": int(self.current_epoch),

@@ -174,9 +174,9 @@ def check_schedule(start_steps: Any, end_steps: Any, steps_per_round: Any, repar
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"model.{key}={value!r}: needs a whole number >= {least}")
     if end_steps >= start_steps:
-        raise ConfigError(f"model.end_steps={end_steps} is not below model.start_steps={start_steps}: each round halves "
-                          "the steps, from start_steps (the first teacher's DDIM steps) down to end_steps (the last "
-                          "student's), e.g. model.start_steps=64 model.end_steps=1")
+        raise ConfigError(f"model.end_steps={end_steps} is not below model.start_steps={start_steps}: each round "
+                          "halves the steps, from start_steps (the first teacher's DDIM steps) down to end_steps (the "
+                          "last student's), e.g. model.start_steps=64 model.end_steps=1")
     ratio = start_steps // end_steps
     if start_steps % end_steps or ratio & (ratio - 1):
         halvings, n = [str(start_steps)], float(start_steps)
@@ -217,8 +217,9 @@ class DistillationSchedule:
         if reparam_steps:
             phases.append(Phase(0, "reparam", None, start_steps, 0, reparam_steps))
         for r in range(rounds):
-            phases.append(Phase(len(phases), "round", r + 1, start_steps >> (r + 1), reparam_steps + r * steps_per_round,
-                                steps_per_round, None if round_lr is None else round_lr[r]))
+            start = reparam_steps + r * steps_per_round
+            phases.append(Phase(len(phases), "round", r + 1, start_steps >> (r + 1), start, steps_per_round,
+                                None if round_lr is None else round_lr[r]))
         self.phases = phases
 
     @property
@@ -284,8 +285,8 @@ def load_teacher(path: Any, key: str = "teacher") -> Teacher:
     module = load_module(file)
     diffusion, net = module.diffusion, module.ema_net
     if diffusion.learned_variance:
-        raise ConfigError(f"{key}={path} has a learned variance (diffusion.variance=learned_range); distillation follows "
-                          "the deterministic DDIM path, which needs no variance: distil a fixed-variance model")
+        raise ConfigError(f"{key}={path} has a learned variance (diffusion.variance=learned_range); distillation "
+                          "follows the deterministic DDIM path, which needs no variance: distil a fixed-variance model")
     if getattr(net.config, "num_classes", None) is not None:
         raise ConfigError(f"{key}={path} is class-conditional (model.net.num_classes={net.config.num_classes}); "
                           "distilling conditional models is not supported yet: distil an unconditional one")
@@ -497,14 +498,13 @@ class DistillationModule(DiffusionModule):
         if not isinstance(record, dict):
             raise CheckpointError("ckpt_path is a checkpoint of an ordinary training run, not of a distillation; to "
                                   "distil that model give it as teacher=... and start without ckpt_path")
-        ours, theirs = self.schedule.record(), record.get("schedule") or {}
-        changed = [f"model.{k}: {theirs.get(k)} in the checkpoint, {v} now" for k, v in ours.items() if theirs.get(k) != v]
-        if changed or record.get("student_prediction") != self.student_prediction:
-            changed += [] if record.get("student_prediction") == self.student_prediction else [
-                f"model.student_prediction: {record.get('student_prediction')} in the checkpoint, "
-                f"{self.student_prediction} now"]
-            raise CheckpointError(f"cannot resume this distillation with another schedule ({'; '.join(changed)}); resume "
-                                  "with the checkpoint's values (its run folder's config.yaml has them)")
+        ours = self.schedule.record() | {"student_prediction": self.student_prediction}
+        theirs = (record.get("schedule") or {}) | {"student_prediction": record.get("student_prediction")}
+        changed = [f"model.{k}: {theirs.get(k)} in the checkpoint, {v} now" for k, v in ours.items()
+                   if k != "total_steps" and theirs.get(k) != v]
+        if changed:
+            raise CheckpointError(f"cannot resume this distillation with another schedule ({'; '.join(changed)}); "
+                                  "resume with the checkpoint's values (its run folder's config.yaml has them)")
         original = record.get("original_teacher") or {}
         if original.get("sha256") != self.original_teacher.identity["sha256"]:
             raise CheckpointError(f"cannot resume: the checkpoint distils teacher {original.get('path')}, but teacher="
@@ -588,7 +588,8 @@ def _check_process(diffusion: GaussianDiffusion | None, student: GaussianDiffusi
         return
     if diffusion.num_timesteps != student.num_timesteps or not torch.equal(diffusion.betas.cpu(), student.betas.cpu()):
         raise ConfigError(f"diffusion (schedule={diffusion.schedule}, num_timesteps={diffusion.num_timesteps}) is not "
-                          f"the teacher's process (schedule={student.schedule}, num_timesteps={student.num_timesteps}): "
+                          f"the teacher's process (schedule={student.schedule}, "
+                          f"num_timesteps={student.num_timesteps}): "
                           f"the students keep the teacher's noise schedule; use diffusion={student.schedule} with its "
                           "values")
     if diffusion.prediction_type != prediction_type:
@@ -604,7 +605,7 @@ def _check_sampler(sampler: Any) -> DDIMSampler:
     if not isinstance(sampler, DDIMSampler) or sampler.eta != 0 or sampler.spacing != "trailing" \
             or sampler.clip_denoised:
         raise ConfigError(f"sampler ({sampler.config() if hasattr(sampler, 'config') else sampler}): a distilled "
-                          "student takes deterministic, unclipped DDIM steps on the trailing spacing (the N-step list is "
-                          "every other of the 2N-step list); use sampler=ddim sampler.spacing=trailing sampler.eta=0 "
-                          "sampler.clip_denoised=false (experiment=distill_digits)")
+                          "student takes deterministic, unclipped DDIM steps on the trailing spacing (the N-step list "
+                          "is every other of the 2N-step list); use sampler=ddim sampler.spacing=trailing "
+                          "sampler.eta=0 sampler.clip_denoised=false (experiment=distill_digits)")
     return sampler

@@ -62,7 +62,8 @@ def one_vs_two_step_mismatch(teacher_path: Path, student_path: Path, num_steps: 
     with torch.no_grad():
         for i, t in enumerate(coarse):
             after = coarse[i + 1] if i + 1 < num_steps else -1
-            two = big.step(teacher_den, big.step(teacher_den, z, t, fine[2 * i + 1], None), fine[2 * i + 1], after, None)
+            mid = fine[2 * i + 1]
+            two = big.step(teacher_den, big.step(teacher_den, z, t, mid, None), mid, after, None)
             one = small.step(student_den, z, t, after, None)
             total += float(((one - two) ** 2).mean())
             z = two
@@ -203,7 +204,8 @@ def test_a_config_that_cannot_distil_is_refused_by_name(digits_checkpoint, disti
     assert user_error(base + [teacher, "diffusion=cosine"], runs / "i").startswith(
         "diffusion (schedule=cosine, num_timesteps=1000) is not the teacher's process (schedule=linear")
     assert user_error(base + [teacher, "sampler.spacing=leading"], runs / "j").endswith(
-        "use sampler=ddim sampler.spacing=trailing sampler.eta=0 sampler.clip_denoised=false (experiment=distill_digits)")
+        "use sampler=ddim sampler.spacing=trailing sampler.eta=0 sampler.clip_denoised=false "
+        "(experiment=distill_digits)")
     assert user_error(base + [f"teacher={distilled / 'last.ckpt'}"], runs / "k").startswith(
         f"{distilled / 'last.ckpt'} is a distillation run's own checkpoint")
     assert user_error(base + [teacher, f"ckpt_path={digits_checkpoint}"], runs / "l").startswith(
@@ -213,10 +215,9 @@ def test_a_config_that_cannot_distil_is_refused_by_name(digits_checkpoint, disti
     checkpoint["state_dict"]["ema.module.conv_in.bias"] += 1
     torch.save(checkpoint, other)
     assert user_error(SMALL + [f"teacher={other}", f"ckpt_path={distilled / 'step_0000012.ckpt'}"], runs / "m") == (
-        f"cannot resume: the checkpoint distils teacher {digits_checkpoint.resolve()}, but teacher={other.resolve()} is "
-        f"another file (sha256 differs); give teacher={digits_checkpoint.resolve()}")
+        f"cannot resume: the checkpoint distils teacher {digits_checkpoint.resolve()}, but "
+        f"teacher={other.resolve()} is another file (sha256 differs); give teacher={digits_checkpoint.resolve()}")
     assert user_error(SMALL + [f"teacher={digits_checkpoint}", "model.steps_per_round=6",
                                f"ckpt_path={distilled / 'step_0000012.ckpt'}"], runs / "n") == (
-        "cannot resume this distillation with another schedule (model.steps_per_round: 5 in the checkpoint, 6 now; "
-        "model.total_steps: 14 in the checkpoint, 16 now); resume with the checkpoint's values (its run folder's "
-        "config.yaml has them)")
+        "cannot resume this distillation with another schedule (model.steps_per_round: 5 in the checkpoint, 6 now); "
+        "resume with the checkpoint's values (its run folder's config.yaml has them)")

@@ -179,5 +179,6 @@ def test_a_schedule_that_cannot_run_is_refused_by_name(args, message):
 
 
 def test_round_learning_rates_need_one_per_round():
-    with pytest.raises(ConfigError, match=r"model.round_lr=\[0.001\]: needs one learning rate > 0 per round \(2 rounds"):
+    message = r"model.round_lr=\[0.001\]: needs one learning rate > 0 per round \(2 rounds"
+    with pytest.raises(ConfigError, match=message):
         DistillationSchedule(8, 2, 5, round_lr=[1e-3])

@@ -39,6 +39,14 @@ def net_out_channels(data_channels: int, variance: str) -> int:
     return net_output_channels(data_channels, variance)
 
 
+def distill_max_steps(start_steps: int, end_steps: int, steps_per_round: int, reparam_steps: int = 0) -> int:
+    """``${distill_max_steps:${model.start_steps},${model.end_steps},${model.steps_per_round},${model.reparam_steps}}``:
+    the training steps of a progressive distillation (every round, and the reparameterisation)."""
+    from diffusion_lab.training.distill import max_steps
+
+    return max_steps(start_steps, end_steps, steps_per_round, reparam_steps)
+
+
 def samplers() -> str:
     """``${samplers:}``: the registered samplers (conf/sampler/*.yaml), for the help texts."""
     from diffusion_lab.samplers.registry import registered
@@ -47,6 +55,6 @@ def samplers() -> str:
 
 
 for _name, _resolver in (("run_group", run_group), ("run_name", run_name), ("net_out_channels", net_out_channels),
-                         ("samplers", samplers)):
+                         ("distill_max_steps", distill_max_steps), ("samplers", samplers)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)

@@ -23,7 +23,9 @@ import tempfile  # noqa: E402
 
 os.environ.setdefault("DIFFUSION_LAB_CACHE", tempfile.mkdtemp(prefix="diffusion_lab_cache_"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# OMP_NUM_THREADS, when set, decides (as for the commands): e.g. 1 on a busy machine, where 2 threads spin.
+if not os.environ.get("OMP_NUM_THREADS"):
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # A small net and a short schedule so one training step and one sample grid take well under a second.
 TINY = [

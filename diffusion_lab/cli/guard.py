@@ -95,11 +95,15 @@ class _HoldHydraJobLine:
 
 def describe_user_error(error: BaseException) -> str | None:
     """The one-paragraph message for a user error, or None when ``error`` is a bug (keep its traceback)."""
+    from omegaconf.errors import InterpolationResolutionError
+
     cause: BaseException | None = error
     while cause is not None:  # also a user error raised in a constructor that hydra's instantiate() wrapped
         if isinstance(cause, UserError):
             return str(cause)
-        cause = cause.__cause__
+        # a resolver's user error (e.g. ${distill_max_steps:...}): OmegaConf keeps it only as the context
+        resolver = cause.__context__ if isinstance(cause, InterpolationResolutionError) else None
+        cause = cause.__cause__ or resolver
     return describe_hydra_error(error)
 
 

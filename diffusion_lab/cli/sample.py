@@ -39,6 +39,11 @@ def sample(cfg: DictConfig) -> Path:
     require_positive("images_per_label", per_label)
     samplers = build_samplers(cfg)
     model = load_model(cfg.ckpt, cfg.use_ema, device)
+    if (model.config or {}).get("distillation") and model.sampler is not None and not sampler_chosen():
+        # a distilled student is trained for its own N-step DDIM; the default DDPM-1000 would not sample it
+        samplers["sampler"] = model.sampler
+        log.info("%s is a distilled student: sampling with its own %s (choose another with sampler=...)", cfg.ckpt,
+                 model.sampler.label() + f", {model.sampler.num_steps} steps")
     check_samplers(samplers, model.diffusion)
     cond = class_condition(labels, cfg.get("guidance_scale", 1.0), model.net, cfg.num_images, per_label)
     net, diffusion, sampler = sampling_net(model.net, cfg.precision, cfg.compile), model.diffusion, samplers["sampler"]
@@ -73,6 +78,16 @@ def sample(cfg: DictConfig) -> Path:
     (out / "sampling.json").write_text(json.dumps(record, indent=2) + "\n")
     log.info("%d images with %s (%d NFE) in %.1f s -> %s", cfg.num_images, sampler.name, nfe, seconds, out)
     return out
+
+
+def sampler_chosen() -> bool:
+    """Whether the command line chose the sampler (``sampler=...`` or ``sampler.<key>=...``); True outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return True
+    keys = (str(o).lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task)
+    return any(key == "sampler" or key.startswith("sampler.") for key in keys)
 
 
 def parse_class_labels(value: Any, guidance_scale: Any) -> list[int] | None:

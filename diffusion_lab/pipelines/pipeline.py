@@ -43,6 +43,8 @@ class DiffusionPipeline:
     """A U-Net and its noise schedule; subclasses choose the sampler from the call's arguments."""
 
     scheduler_class_name = "DDPMScheduler"
+    # DDIMPipeline's num_inference_steps when the call gives none: diffusers' 50, or a distilled student's N
+    default_num_inference_steps = 50
 
     def __init__(self, unet: UNet, scheduler: SchedulerConfig) -> None:
         channels, out = unet.config.in_channels, unet.config.out_channels
@@ -70,7 +72,13 @@ class DiffusionPipeline:
             defaults = {"variance_type": sampler.variance, "clip_sample": sampler.clip_denoised}
         elif sampler is not None:
             defaults = {"clip_sample": sampler.clip_denoised}
-        return cls(model.net, SchedulerConfig.from_diffusion(model.diffusion, **(defaults | scheduler_kwargs)))
+        student = bool((model.config or {}).get("distillation")) and isinstance(sampler, DDIMSampler)
+        if student:  # a distilled student samples on the spacing and with the steps it was distilled for
+            defaults["timestep_spacing"] = sampler.spacing
+        pipe = cls(model.net, SchedulerConfig.from_diffusion(model.diffusion, **(defaults | scheduler_kwargs)))
+        if student:
+            pipe.default_num_inference_steps = sampler.num_steps
+        return pipe
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "DiffusionPipeline":
@@ -200,9 +208,13 @@ class DDIMPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator: Generators = None, eta: float = 0.0,
-                 num_inference_steps: int = 50, use_clipped_model_output: bool | None = None,
+                 num_inference_steps: int | None = None, use_clipped_model_output: bool | None = None,
                  output_type: str = "pil", return_dict: bool = True, class_labels: Sequence[int] | None = None,
                  guidance_scale: float = 1.0) -> ImagePipelineOutput | tuple:
+        """``num_inference_steps=None``: 50 (diffusers' default), or the N steps a distilled student was trained for
+        (``from_checkpoint`` of a ``student_<N>steps.ckpt``)."""
+        if num_inference_steps is None:
+            num_inference_steps = self.default_num_inference_steps
         batch_size, cond = self._condition(batch_size, class_labels, guidance_scale)
         self._check_call(batch_size, generator, num_inference_steps, output_type)
         if not isinstance(eta, (int, float)) or not eta >= 0:

@@ -105,6 +105,10 @@ def load_module(path: str | Path, map_location: Any = "cpu", sampler: Any = None
 
     checkpoint = load_checkpoint(path, "cpu")
     config = checkpoint_config(checkpoint, path)
+    if str((config.get("model") or {}).get("_target_", "")).endswith(".DistillationModule"):
+        raise CheckpointError(f"{path} is a distillation run's own checkpoint (it resumes that run with ckpt_path=...); "
+                              "sample, evaluate or distil further one of its students: "
+                              f"{Path(path).parent}/student_<N>steps.ckpt")
     diffusion = instantiate(config["diffusion"])
     sampler = sampler if sampler is not None else instantiate(config["sampler"])
     module = instantiate(config["model"], _partial_=True)(diffusion=diffusion, sampler=sampler)

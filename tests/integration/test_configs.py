@@ -24,7 +24,7 @@ def options(group: str) -> list[str]:
 def test_conf_is_shipped_inside_the_package():
     assert (CONF / "train.yaml").is_file()
     assert options("experiment") == ["ddpm_celebahq256", "ddpm_cifar10", "ddpm_lsun_church256", "digits",
-                                      "digits_cond", "iddpm_cifar10"]
+                                      "digits_cond", "distill_digits", "iddpm_cifar10"]
 
 
 @pytest.mark.parametrize("option", options("diffusion"))
@@ -47,7 +47,7 @@ MODELS = {"unet_256": ("celebahq256", 256, 113_673_219, 0.0), "unet_cifar10": ("
           "unet_digits": ("digits", 8, 1_623_169, 0.1)}
 
 
-@pytest.mark.parametrize("option", options("model"))
+@pytest.mark.parametrize("option", [o for o in options("model") if o != "distill"])  # distill: test_distill.py
 def test_model_options(compose_cfg, option):
     data, image_size, parameters, dropout = MODELS[option]
     cfg = compose_cfg([f"model={option}", f"data={data}"], tiny=False)
@@ -103,14 +103,16 @@ def test_callbacks_and_debug_options(compose_cfg):
     assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "SampleGrid", "LearningRateMonitor"}
 
 
-def stand_in(option: str, tmp_path: Path) -> list[str]:
-    """Local data of the same form as each experiment's hub data set (no network)."""
+def stand_in(option: str, tmp_path: Path, request: pytest.FixtureRequest) -> list[str]:
+    """Local data of the same form as each experiment's hub data set (no network); a teacher to distil."""
     import datasets
 
     from tests.conftest import make_images
 
     if option in ("digits", "digits_cond"):  # their runs evaluate FID at the end: keep that small too
         return ["callbacks.fid.num_samples=32", "callbacks.fid.batch_size=32"]
+    if option == "distill_digits":
+        return [f"teacher={request.getfixturevalue('digits_checkpoint')}"]
     size, column = ((32, 32), "img") if option in ("ddpm_cifar10", "iddpm_cifar10") else ((300, 270), "image")
     features = datasets.Features({column: datasets.Image()})
     path = tmp_path / f"{option}_local"
@@ -119,10 +121,10 @@ def stand_in(option: str, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("option", options("experiment"))
-def test_every_experiment_runs_one_training_step(compose_cfg, option, tmp_path):
+def test_every_experiment_runs_one_training_step(compose_cfg, option, tmp_path, request):
     overrides = [f"experiment={option}", "debug=fdr", "trainer=cpu", "~callbacks.progress_bar",
                  "~callbacks.model_summary", "trainer.enable_model_summary=false"]
-    cfg = compose_cfg(overrides + stand_in(option, tmp_path), tiny=False)
+    cfg = compose_cfg(overrides + stand_in(option, tmp_path, request), tiny=False)
     metrics = train(cfg)
     assert metrics["train/loss"] > 0
 

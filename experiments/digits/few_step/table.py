@@ -7,11 +7,12 @@ report per distilled student, and writes ``table.md`` (one table per metric, row
     python experiments/digits/few_step/table.py \\
         --solvers experiments/digits/few_step/solvers/report.json \\
         --students experiments/digits/few_step/students/*/report.json \\
-        --rounds experiments/digits/few_step/rounds.json --out experiments/digits/few_step
+        --rounds experiments/digits/few_step/distillation.json --out experiments/digits/few_step
 
 Rows are named by each cell's own sampler label (``Sampler.label()``, saved in the report); a student's row is
-"distilled student" and its NFE is its own step count. ``--rounds`` (optional) is the distillation run's per-round
-record (steps, wall and CPU seconds) written as a table under the metrics.
+"progressive distillation" and its NFE is its own step count. ``--rounds`` (optional) is the distillation run's
+``checkpoints/distillation.json`` (each phase's training steps, wall and CPU seconds), written as a table under the
+metrics.
 """
 
 from __future__ import annotations
@@ -78,12 +79,15 @@ def markdown(rows: dict[str, dict[int, dict]], baseline: dict | None, rounds: li
             lines.append(f"| {name} | " + " | ".join(text(row.get(n), metric) for n in nfes) + " |")
         lines.append("")
     if rounds:
-        lines += ["## Distillation rounds (CPU cost)", "",
-                  "| round | student steps | teacher steps | training steps | wall s | CPU s |", "|---|---|---|---|---|---|"]
-        for r in rounds:
-            lines.append(f"| {r['round']} | {r['student_steps']} | {r['teacher_steps']} | {r['train_steps']} | "
-                         f"{r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} |")
-        lines.append("")
+        lines += ["## Distillation phases (CPU cost)", "",
+                  "| phase | teacher -> student DDIM steps | training steps | wall s | CPU s |", "|---|---|---|---|---|"]
+        for r in rounds["phases"]:
+            name = "reparameterisation to v" if r["phase"] == "reparam" else f"round {r['round']}"
+            steps = f"{r['teacher_num_steps']} -> {r['num_steps']}" if r["phase"] == "round" else "-"
+            lines.append(f"| {name} | {steps} | {r['steps']} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} |")
+        total = sum(r["cpu_seconds"] for r in rounds["phases"])
+        lines += ["", f"CPU seconds are the process's CPU time (1 thread), including each round's checkpoint and sample "
+                      f"grid; {total / 60:.1f} CPU-minutes in all.", ""]
     lines += ["NFE: network evaluations per image (Heun: 2S - 1 for S steps, so only odd NFE). Empty cells were not "
               "run. sd: FID's standard deviation over 20 bootstrap resamples of the generated features (sampling "
               "noise of 1,000 images, not training noise).", ""]
@@ -97,9 +101,12 @@ def plot(rows: dict[str, dict[int, dict]], baseline: dict | None, path: Path) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name, row in rows.items():
+    colours = plt.get_cmap("tab20").colors
+    for k, (name, row) in enumerate(rows.items()):
         nfes = sorted(n for n in row if "fid" in row[n]["metrics"])
-        style = dict(color="black", linewidth=2.2, marker="s") if name == STUDENT else dict(marker="o")
+        style = dict(color="black", linewidth=2.2, marker="s") if name == STUDENT else dict(
+            marker="o", markersize=4, color=colours[(2 * k) % 20 + (2 * k) // 20],
+            linestyle="--" if "clip_denoised=True" in name else "-")  # clipped x0: dashed
         ax.errorbar(nfes, [row[n]["metrics"]["fid"] for n in nfes],
                     yerr=[row[n]["metrics"].get("fid_std", 0.0) for n in nfes], capsize=3, label=name, **style)
     if baseline is not None:

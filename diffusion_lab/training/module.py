@@ -130,8 +130,8 @@ class DiffusionModule(L.LightningModule):
     finite-loss flag stays on the device, clipping is one foreach norm with ``error_if_nonfinite=False``, fused Adam
     keeps its step count on the device, the warm-up is a Python function of the step, and ``train/loss`` is logged
     as a device tensor without ``prog_bar`` (Lightning turns progress-bar metrics into floats every step). The
-    quartile losses, the gradient norm and the finite check run on logging steps only
-    (tests/unit/test_step_sync.py runs steady-state steps in a Trainer with every host read refused). That holds for
+    quartile losses, the gradient norm, the finite check and (under DDP) Lightning's SIGTERM broadcast run on
+    logging steps only (tests/unit/test_step_sync.py runs steady-state steps in a Trainer with every host read refused). That holds for
     ``32-true`` and ``bf16-mixed``; ``16-mixed``'s GradScaler reads its inf check on the host every step.
 
     ``compile``: see :data:`CompileMode`. Under ``precision=bf16-mixed`` each fp32 weight is cast to bf16 once per
@@ -330,6 +330,24 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.start_health = self.health()
+        self._check_sigterm_on_logging_steps()
+
+    def _check_sigterm_on_logging_steps(self) -> None:
+        """Under DDP Lightning (2.6) broadcasts rank 0's SIGTERM flag and reads it on the host before every step
+        (``_TrainingEpochLoop._broadcast_sigterm_tensor``): a device sync per step. Do that before logging steps
+        only (the same steps on every rank): a SIGTERM still stops every rank together, within
+        ``trainer.log_every_n_steps`` steps."""
+        loop = getattr(getattr(self._trainer, "fit_loop", None), "epoch_loop", None)
+        broadcast = getattr(loop, "_broadcast_sigterm_tensor", None)
+        if broadcast is None or getattr(broadcast, "on_logging_steps_only", False):
+            return
+
+        def before_logging_steps() -> None:
+            if self._is_logging_step():
+                broadcast()
+
+        before_logging_steps.on_logging_steps_only = True  # type: ignore[attr-defined]
+        loop._broadcast_sigterm_tensor = before_logging_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Restoring the RNG makes a resumed run draw the same t, noise and shuffling as an uninterrupted one.

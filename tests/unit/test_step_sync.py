@@ -372,3 +372,24 @@ def test_bf16_autocast_casts_each_weight_once_per_step():
     expected = {f"{n}.{p}": 1 for n in layers for p in ("weight", "bias")}
     expected |= {n: 2 for n in expected if n.endswith(".proj_out.weight")}  # the (C, C) view: once per forward
     assert cast == expected
+
+
+def test_lightnings_sigterm_broadcast_runs_before_logging_steps_only(compose_cfg):
+    """Under DDP Lightning broadcasts rank 0's SIGTERM flag and reads it on the host before every step; the module
+    leaves that to the steps before logging steps (every rank alike). Here (one process, where Lightning skips the
+    broadcast) the loop's method is called by hand before each step."""
+    calls, steps = [], []
+
+    class CallTheBroadcast(L.Callback):
+        def on_train_start(self, trainer, pl_module):  # callbacks' hooks run before the module's
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: calls.append(trainer.global_step)
+
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            steps.append(trainer.global_step)
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor()
+
+    cfg = compose_cfg(["trainer.max_steps=7", "trainer.log_every_n_steps=3"])
+    module = instantiate(cfg.model, _partial_=True)(diffusion=instantiate(cfg.diffusion), sampler=None)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[CallTheBroadcast()])
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    assert steps == list(range(7)) and calls == [2, 5]  # the logging steps: (step + 1) % 3 == 0

@@ -235,10 +235,11 @@ def test_compiled_training_gives_the_eager_losses(compose_cfg, monkeypatch, eage
 
     The backend is AOT autograd without inductor (``aot_eager``): Dynamo's capture and AOT's forward/backward split
     are what the module's compile adds on top of the eager maths, and inductor's C++ compile of this net takes
-    minutes on a 2-core CPU (it is run by tests/integration/test_speed_paths.py, and its losses equal eager ones
-    when dropout draws through torch's RNG: experiments/benchmarks/README.md). The mode given reaches torch.compile.
-    Tolerance: 1e-6 relative in the same layout (the same kernels in the same order), 1e-4 across layouts
-    (channels_last sums in another order: float32 rounding).
+    over a minute on a 2-core CPU (tests/integration/test_speed_paths.py runs it for 2 steps). Run once by hand
+    (2026-12-04, this 2-core VM, loaded): inductor's default mode with ``torch._inductor.config.fallback_random``
+    (dropout through torch's RNG; inductor's own RNG draws other masks) gave the eager losses bit for bit over these
+    5 steps; compiling took ~65 s cold, ~7 s from inductor's cache. Tolerance here: 1e-6 relative in the same layout
+    (the same kernels in the same order), 1e-4 across layouts (channels_last sums in another order).
     """
     modes = []
     monkeypatch.setattr(module_py, "compile_net", lambda net, m: modes.append(m) or torch.compile(net, backend="aot_eager"))

@@ -68,11 +68,12 @@ class HostReadGuard:
     """``with HostReadGuard(): ...`` raises AssertionError at the first host read of a tensor's value inside.
 
     ``raise_on_read=False`` records them instead (``guard.reads``: what and where), to list every read at once.
-    ``aten=False`` leaves out the dispatch-mode level (the Python methods only). ``enter()``/``exit()`` do what
-    the ``with`` block does, for hooks that start and end it in different calls."""
+    ``aten=False`` leaves out the dispatch-mode level (the Python methods only); ``device_only=True`` refuses reads
+    of device tensors only (on a GPU, reading a CPU tensor is no sync). ``enter()``/``exit()`` do what the ``with``
+    block does, for hooks that start and end it in different calls."""
 
-    def __init__(self, raise_on_read: bool = True, aten: bool = True) -> None:
-        self.raise_on_read, self.aten = raise_on_read, aten
+    def __init__(self, raise_on_read: bool = True, aten: bool = True, device_only: bool = False) -> None:
+        self.raise_on_read, self.aten, self.device_only = raise_on_read, aten, device_only
         self.reads: list[str] = []
         self._saved: dict[str, Any] | None = None
         self._mode: _RefuseSyncOps | None = None
@@ -109,7 +110,8 @@ class HostReadGuard:
 
     def _refusing(self, name: str, original: Any) -> Any:
         def refused(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            self.read(f"Tensor.{name}")
+            if not self.device_only or tensor.device.type != "cpu":
+                self.read(f"Tensor.{name}")
             return original(tensor, *args, **kwargs)
 
         return refused
@@ -163,8 +165,9 @@ class SyncCheck(L.Callback):
 
     def _start(self, device: torch.device) -> None:
         self._cuda = device.type == "cuda"
-        # Inside a dispatch mode torch.compile runs eager code: on a GPU the CUDA runtime's check replaces it.
-        self._guard = HostReadGuard(self.raise_on_read, aten=not self._cuda).enter()
+        # Inside a dispatch mode torch.compile runs eager code: on a GPU the CUDA runtime's check replaces it, and
+        # only device tensors count (reading a CPU tensor waits for nothing).
+        self._guard = HostReadGuard(self.raise_on_read, aten=not self._cuda, device_only=self._cuda).enter()
         if self._cuda:
             torch.cuda.synchronize()  # what was queued before the window is not the window's
             if not self.raise_on_read:

@@ -201,7 +201,8 @@ def _check_types(path: str, node: DictConfig, target: Any) -> None:
         choices = _literal_values(hints[key])
         if choices is not None:
             if value not in choices:
-                raise ConfigError(f"{path}.{key}={value!r} is not allowed; allowed values: {', '.join(map(str, choices))}")
+                allowed = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)  # YAML's spelling
+                raise ConfigError(f"{path}.{key}={value!r} is not allowed; allowed values: {allowed}")
             continue
         wanted = _scalar_types(hints[key])
         if not wanted or str in wanted or not isinstance(value, str):

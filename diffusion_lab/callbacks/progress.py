@@ -86,6 +86,11 @@ class StepProgressBar(TQDMProgressBar):
         self._streams: list[tuple[logging.StreamHandler, Any]] = []
         self._first: tuple[float, int, float] | None = None  # (time, step, sampling seconds) after the first step
         self._start = 0.0
+        # The metrics shown (loss, val/*) as floats, read from the trainer after the first step, on logging steps and
+        # after a sampling callback ran, only: reading a device tensor is a host sync, which every redraw in between
+        # would otherwise cost (the bar then shows the loss of the latest logging step).
+        self._shown: dict[str, float] = {}
+        self._shown_sampling = 0.0  # the sampling callbacks' seconds when _shown was read
 
     # --- hooks -----------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -126,6 +131,10 @@ class StepProgressBar(TQDMProgressBar):
         if not self.is_enabled:
             return
         step = trainer.global_step
+        logging_step = step % max(1, trainer.log_every_n_steps) == 0 or step >= self.total
+        sampling = self._sampling_seconds(trainer)
+        if self._first is None or logging_step or sampling != self._shown_sampling:
+            self._shown, self._shown_sampling = self.get_metrics(trainer, pl_module), sampling
         if self._first is None:
             self._first = (perf_counter(), step, self._sampling_seconds(trainer))
         if self._drawing and (step % self.refresh_rate == 0 or step >= self.total):
@@ -134,7 +143,7 @@ class StepProgressBar(TQDMProgressBar):
             bar.set_description_str(self._desc(step), refresh=False)
             bar.set_postfix_str(", ".join(self._status(trainer, pl_module)), refresh=False)  # tqdm adds ", " before
             bar.refresh()
-        if step % max(1, trainer.log_every_n_steps) == 0 or step >= self.total:
+        if logging_step:
             status = ", ".join([f"{_hms(self._elapsed())} elapsed", *self._status(trainer, pl_module)])
             self._emit(f"{self._desc(step)} ({100 * step / self.total:.0f}%) | {status}", console=not self._drawing)
         if self.estimate_after > 0 and step == self._first[1] + self.estimate_after:
@@ -199,8 +208,9 @@ class StepProgressBar(TQDMProgressBar):
         return "?" if self.total == float("inf") else str(int(self.total))
 
     def _status(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
-        """``loss 0.0812``, ``val/fid 10.4``, ``5.80 steps/s``, ``ETA 0:08:15``: what the bar and the lines show."""
-        items = [f"{k} {v:.4g}" for k, v in self.get_metrics(trainer, pl_module).items()]
+        """``loss 0.0812``, ``val/fid 10.4``, ``5.80 steps/s``, ``ETA 0:08:15``: what the bar and the lines show (the
+        metrics as of the latest logging step)."""
+        items = [f"{k} {v:.4g}" for k, v in self._shown.items()]
         left = self.time_left(trainer, pl_module)
         if left is not None:
             items.append(f"{_rate(left.steps_per_second)} steps/s")

@@ -105,8 +105,56 @@ def _init(module: nn.Conv2d | nn.Linear, scale: float = 1.0) -> nn.Module:
     return module
 
 
+def group_norm_any_layout(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
+                          eps: float) -> Tensor:
+    """``F.group_norm`` from ops that keep ``x``'s memory layout (no copy to NCHW and back for channels-last input).
+
+    The statistics come from a (B, G, C/G, H, W) view (splitting C is a view in any layout), then one pass
+    ``x * scale + shift`` with per-(image, channel) ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean *
+    scale``; elementwise ops follow the layout of ``x``. Computed in at least float32, as autocast runs
+    ``group_norm``: under autocast the result is float32 (as torch's), otherwise ``x``'s dtype.
+    """
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x_c = x.to(compute)
+    b, c = x.shape[:2]
+    spatial = x.dim() - 2
+    groups = x_c.unflatten(1, (num_groups, c // num_groups))  # (B, G, C/G, *spatial)
+    var, mean = torch.var_mean(groups, dim=tuple(range(2, groups.dim())), correction=0, keepdim=True)
+    scale = torch.rsqrt(var + eps).expand(b, num_groups, c // num_groups, *[1] * spatial)
+    if weight is not None:
+        scale = scale * weight.to(compute).view(1, num_groups, -1, *[1] * spatial)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(compute).view(1, num_groups, -1, *[1] * spatial)
+    out = torch.addcmul(shift.flatten(1, 2), x_c, scale.flatten(1, 2))
+    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    return out if autocast else out.to(x.dtype)
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """A 4-d tensor in NHWC memory order (and not also plain NCHW, as a 1x1 image or one channel would be)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (the same parameters, state_dict keys and maths) that keeps channels-last input
+    channels-last off the CPU.
+
+    torch's CUDA kernel works on NCHW only: given a channels-last input it copies it to NCHW and returns NCHW, and
+    the next convolution, whose weights are channels-last, copies it back, so every norm of a channels-last U-Net
+    costs two full layout copies (one reason eager ``channels_last`` was slower on the H200, benchmarks README).
+    For that input this runs :func:`group_norm_any_layout` instead. On the CPU torch's kernel has its own
+    channels-last path, and NCHW input goes to torch's kernel everywhere, so both are unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" or not is_channels_last(x):
+            return super().forward(x)
+        return group_norm_any_layout(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
 def _norm(cfg: UNetConfig, channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps)
+    return GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps)
 
 
 class ResBlock(nn.Module):

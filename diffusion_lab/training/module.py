@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import lightning as L
 import torch
@@ -15,6 +15,30 @@ from diffusion_lab.diffusion.losses import Objective, objective_for
 from diffusion_lab.errors import ConfigError, UserError
 from diffusion_lab.samplers.base import Sampler
 from diffusion_lab.training.rng import rng_state, set_rng_state
+
+
+# ``model.compile``: false (eager), true (what configs and checkpoints written before modes existed mean: "default"),
+# or a torch.compile mode. "reduce-overhead" adds CUDA graphs (inductor's cudagraph trees) around the compiled
+# forward and backward on a GPU; "max-autotune-no-cudagraphs" autotunes the kernels (long compiles) without them.
+CompileMode = Literal[False, True, "default", "max-autotune-no-cudagraphs", "reduce-overhead"]
+COMPILE_MODES: tuple[bool | str, ...] = get_args(CompileMode)
+
+
+def compile_mode(value: Any) -> str | None:
+    """``model.compile`` -> torch.compile's mode, None for eager; anything else raises :class:`ConfigError`."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return "default"
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    allowed = ", ".join(str(m).lower() if isinstance(m, bool) else m for m in COMPILE_MODES)
+    raise ConfigError(f"model.compile={value!r} is not allowed; allowed values: {allowed} (true means default)")
+
+
+def compile_net(net: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile(net, mode=mode)``: the one place the training net is compiled (tests swap the backend here)."""
+    return torch.compile(net, mode=mode)
 
 
 class EMAUpdate:
@@ -100,6 +124,22 @@ class DiffusionModule(L.LightningModule):
     ``ema.module.*``), saved in every checkpoint, restored on resume and used by :meth:`sample`. Its parameters
     do not require gradients, so DDP neither syncs nor waits for them. It copies the weights at its first update
     and then applies ``ema = decay * ema + (1 - decay) * w`` after every optimizer step from ``ema_start_step`` on.
+
+    A steady-state step reads nothing on the host (on a GPU each read would be a sync that stops the CPU from
+    queueing the next kernels, and CUDA graphs need the host to run ahead): the EMA keeps its own host counter, the
+    finite-loss flag stays on the device, clipping is one foreach norm with ``error_if_nonfinite=False``, fused Adam
+    keeps its step count on the device, the warm-up is a Python function of the step, and ``train/loss`` is logged
+    as a device tensor without ``prog_bar`` (Lightning turns progress-bar metrics into floats every step). The
+    quartile losses, the gradient norm, the finite check and (under DDP) Lightning's SIGTERM broadcast run on
+    logging steps only (tests/unit/test_step_sync.py runs steady-state steps in a Trainer with every host read refused). That holds for
+    ``32-true`` and ``bf16-mixed``; ``16-mixed``'s GradScaler reads its inf check on the host every step.
+
+    ``compile``: see :data:`CompileMode`. Under ``precision=bf16-mixed`` each fp32 weight is cast to bf16 once per
+    step, in the forward; the backward reuses the saved bf16 copy. Lightning runs the step under autocast with its
+    weight cache off (``cache_enabled=False``: a weight cast under ``no_grad`` would be cached without its grad_fn),
+    which costs nothing with one forward per step (tested). No bf16 copies are kept between steps: the weights change
+    at every step, so a kept copy would be re-cast every step too; it would only turn one cast kernel per weight into
+    one foreach copy, a launch cost that CUDA graphs (``reduce-overhead``) remove anyway.
     """
 
     def __init__(
@@ -111,7 +151,7 @@ class DiffusionModule(L.LightningModule):
         sampler: Sampler | None = None,
         ema_decay: float = 0.9999,
         ema_start_step: int = 0,
-        compile: bool = False,
+        compile: CompileMode = False,
         channels_last: bool = False,
         objective: Objective | None = None,
         p_uncond: float = 0.0,
@@ -123,6 +163,7 @@ class DiffusionModule(L.LightningModule):
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError(f"model.ema_decay={ema_decay}: the EMA decay must be in [0, 1) (0.9999 in DDPM; 0.999 "
                               "for short runs)")
+        mode = compile_mode(compile)  # refused here, before any start-up work
         self.net, self.diffusion, self.sampler = net, diffusion, sampler
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.ema_decay, self.ema_start_step = ema_decay, ema_start_step
@@ -133,7 +174,10 @@ class DiffusionModule(L.LightningModule):
         self.ema = EMAModel(net, multi_avg_fn=EMAUpdate(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         # A compiled view of the raw net for training; kept out of the module tree so state_dict keys stay clean.
-        self.__dict__["_train_net"] = torch.compile(net) if compile else net
+        # Only the net is compiled: t, the noise and the loss are drawn and reduced eagerly around it, so compiled
+        # and eager training draw the same random numbers (dropout inside the net aside, under inductor).
+        self.compile_mode = mode
+        self.__dict__["_train_net"] = net if self.compile_mode is None else compile_net(net, self.compile_mode)
         # The objective (default: the one diffusion.loss names) reads the net only through the denoiser.
         # model.objective (the `objective` config group, a _target_) or, for runs and checkpoints written before
         # objectives were config objects, the one diffusion.loss / loss_weighting / min_snr_gamma name.
@@ -170,6 +214,9 @@ class DiffusionModule(L.LightningModule):
             raise NonFiniteLossError(f"{diagnosis} Check the data for NaN/inf, or lower model.optimizer.lr.", diagnosis)
 
     def training_step(self, batch: Tensor | tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.compile_mode == "reduce-overhead":
+            # A new training iteration for cudagraph trees: last step's graph outputs may be overwritten now.
+            torch.compiler.cudagraph_mark_step_begin()
         images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -183,7 +230,10 @@ class DiffusionModule(L.LightningModule):
         value = loss.detach().float()
         self._loss_sum = value if self._loss_sum is None or self._loss_sum.device != value.device else self._loss_sum + value
         self._loss_count += 1
-        self.log("train/loss", loss, prog_bar=True)
+        # The tensor, every step (callback_metrics and a sweep's optimized_metric see the last step's loss), but not
+        # prog_bar=True: Lightning converts progress-bar metrics to floats at every step's end, a host sync. The
+        # CSV/loggers read it on logging steps, and the progress bar shows the loss of the latest logging step.
+        self.log("train/loss", loss)
         if self._is_logging_step():
             self.check_finite()
             # Loss per timestep quartile: the standard diagnostic (high-t noise prediction is easy, low-t hard).
@@ -231,6 +281,12 @@ class DiffusionModule(L.LightningModule):
             # fp16 with a GradScaler: Lightning unscales before clipping, which a fused step (it unscales
             # itself) does not allow; use the foreach kernels there.
             kwargs = {"fused": False, "foreach": True}
+        if getattr(self.optimizer_factory, "keywords", {}).get("capturable", False) is None:
+            # model.optimizer.capturable=null: on exactly when the step may run under CUDA graphs (reduce-overhead on
+            # a GPU). Adam's step count then lives on the device (fused Adam keeps it there either way); it matters
+            # for the foreach/for-loop Adam and for capturing the optimizer step itself. CPUs have no capturable Adam.
+            device = next(self.net.parameters()).device
+            kwargs["capturable"] = self.compile_mode == "reduce-overhead" and device.type == "cuda"
         optimizer = self.optimizer_factory(params=self.net.parameters(), **kwargs)
         if self.lr_scheduler_factory is None:
             return optimizer
@@ -241,10 +297,13 @@ class DiffusionModule(L.LightningModule):
                                     gradient_clip_algorithm: str | None = None) -> None:
         # Lightning's mixed-precision plugin refuses to clip around any optimizer able to unscale gradients
         # itself (fused Adam), even under bf16 where nothing is scaled. Without a GradScaler the gradients are
-        # the true ones, so clip them directly (the same global-norm clipping, as one foreach reduction).
+        # the true ones, so clip them directly (the same global-norm clipping, as one foreach reduction). No host read:
+        # the scale min(1, clip / norm) is applied on the device; error_if_nonfinite=True would read the norm (a sync),
+        # and a non-finite loss is caught by the on-device flag instead.
         no_scaler = getattr(self.trainer.precision_plugin, "scaler", None) is None
         if gradient_clip_val and no_scaler and gradient_clip_algorithm in (None, "norm"):
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), gradient_clip_val, foreach=True)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), gradient_clip_val, foreach=True,
+                                           error_if_nonfinite=False)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -271,6 +330,24 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.start_health = self.health()
+        self._check_sigterm_on_logging_steps()
+
+    def _check_sigterm_on_logging_steps(self) -> None:
+        """Under DDP Lightning (2.6) broadcasts rank 0's SIGTERM flag and reads it on the host before every step
+        (``_TrainingEpochLoop._broadcast_sigterm_tensor``): a device sync per step. Do that before logging steps
+        only (the same steps on every rank): a SIGTERM still stops every rank together, within
+        ``trainer.log_every_n_steps`` steps."""
+        loop = getattr(getattr(self._trainer, "fit_loop", None), "epoch_loop", None)
+        broadcast = getattr(loop, "_broadcast_sigterm_tensor", None)
+        if broadcast is None or getattr(broadcast, "on_logging_steps_only", False):
+            return
+
+        def before_logging_steps() -> None:
+            if self._is_logging_step():
+                broadcast()
+
+        before_logging_steps.on_logging_steps_only = True  # type: ignore[attr-defined]
+        loop._broadcast_sigterm_tensor = before_logging_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Restoring the RNG makes a resumed run draw the same t, noise and shuffling as an uninterrupted one.

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accelerator", default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", nargs="?", const="default", default=None,
+                        help="a model.compile mode (default | reduce-overhead | max-autotune-no-cudagraphs)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=5, help="profiled steps")
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ns = argparse.Namespace(experiment=args.experiment, batch_size=args.batch_size, accelerator=args.accelerator,
                             warmup=args.warmup, steps=args.steps)
-    cfg = compose_config(ns, overrides, args.precision, args.compile, args.channels_last)
+    cfg = compose_config(ns, overrides, args.precision, args.compile or False, args.channels_last)
     torch_ema = (lambda module: AveragedModel.update_parameters(module.ema, module.net)) if args.torch_ema else None
     step = plain_step(cfg, args.accelerator, ema_update=torch_ema)
     wall = seconds_per_step(step, args.warmup, args.steps)
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / args.steps / 1e6 \
         if cuda else None
     print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
-    label = (f"{args.experiment} {args.precision}" + " + compile" * args.compile + " + channels_last" * args.channels_last
+    label = (f"{args.experiment} {args.precision}" + (f" + compile {args.compile}" if args.compile else "")
+             + " + channels_last" * args.channels_last
              + " + torch EMA" * args.torch_ema + (f" {' '.join(overrides)}" if overrides else ""))
     line = f"{label}: batch {args.batch_size}, wall {1e3 * wall:.1f} ms/step ({args.batch_size / wall:.0f} images/s)"
     if busy is not None:

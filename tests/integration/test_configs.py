@@ -196,6 +196,8 @@ def test_learned_variance_doubles_the_output_channels_and_a_mismatch_fails_at_st
         ("diffusion.variance=learned", "diffusion.variance='learned' is not allowed; allowed values: fixed_large"),
         ("+trainer.max_step=10", "unknown key trainer.max_step .*Did you mean trainer.max_steps"),
         ("+model.net.chmult=[1]", "unknown key model.net.chmult .*Did you mean model.net.ch_mult"),
+        ("model.compile=fast", "model.compile='fast' is not allowed; allowed values: false, true, default, "
+                               "max-autotune-no-cudagraphs, reduce-overhead"),
     ],
 )
 def test_bad_keys_and_values_fail_at_start_up(compose_cfg, override, message):

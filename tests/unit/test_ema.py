@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from diffusion_lab.callbacks.sync_check import HostReadGuard
 from diffusion_lab.training.module import EMAModel, EMAUpdate
 
 
@@ -24,26 +25,6 @@ def perturb(net: nn.Module, step: int) -> None:
             t.add_(torch.randn(t.shape, generator=g))
 
 
-class HostReadsRefused:
-    """While active, every way of reading a tensor's value on the host raises (on a GPU each would be a sync)."""
-
-    NAMES = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
-
-    def __enter__(self):
-        self.saved = {name: getattr(torch.Tensor, name) for name in self.NAMES}
-        for name in self.NAMES:
-            setattr(torch.Tensor, name, self.refuse)
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(torch.Tensor, name, fn)
-
-    @staticmethod
-    def refuse(*args, **kwargs):
-        raise AssertionError("the EMA update read a tensor on the host")
-
-
 def test_matches_torch_averaged_model_and_reads_the_counter_once():
     decay, steps = 0.9, 5
     nets = []  # the weights after each training step
@@ -55,12 +36,12 @@ def test_matches_torch_averaged_model_and_reads_the_counter_once():
     for n in nets:
         reference.update_parameters(n)  # torch's own: reads the counter on the host twice per update
 
-    with HostReadsRefused(), pytest.raises(AssertionError, match="read a tensor on the host"):
+    with HostReadGuard(), pytest.raises(AssertionError, match="read a tensor on the host"):
         reference.update_parameters(nets[0])  # the guard does catch torch's reads
 
     ours = EMAModel(make_net(0), multi_avg_fn=EMAUpdate(decay), use_buffers=True)
     ours.update_parameters(nets[0])  # the first update copies the weights and reads the counter once
-    with HostReadsRefused():
+    with HostReadGuard():
         for n in nets[1:]:
             ours.update_parameters(n)
     assert int(ours.n_averaged) == int(reference.n_averaged) == steps

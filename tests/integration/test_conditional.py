@@ -136,8 +136,8 @@ def test_eval_has_a_guidance_axis_with_class_accuracy(cond_checkpoint, tmp_path)
 
     out = tmp_path / "eval"
     args = eval_command(cond_checkpoint, out, tmp_path / "data", "num_samples=40", "batch_size=16",
-                        "grid.ddim_eta=[0.0]", "grid.ddim_steps=[4]", "grid.ddpm_variance=[]", "grid.full_steps=false",
-                        "grid.dpm_solver_steps=[]", "grid.guidance_scale=[1,3]", "metrics.kid=false",
+                        "grid.samplers=[{sampler: ddim, eta: 0.0}]", "grid.steps=[4]", "grid.guidance_scale=[1,3]",
+                        "metrics.kid=false",
                         "metrics.prc=false", "metrics.isc_splits=2", "metrics.fid_bootstrap=0")
     first = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]

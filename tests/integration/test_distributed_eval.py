@@ -16,8 +16,9 @@ import torch
 from tests.conftest import eval_command
 
 # Three small cells; the last is the longest so that a kill after the first cell lands before the grid ends.
-GRID = ["num_samples=40", "batch_size=8", "grid.ddim_eta=[0.0]", "grid.ddim_steps=[4]", "grid.ddpm_steps=[6]",
-        "grid.ddpm_variance=[fixed_small]", "grid.full_steps=false", "grid.dpm_solver_steps=[30]",
+GRID = ["num_samples=40", "batch_size=8",
+        "grid.samplers=[{sampler: ddim, eta: 0.0, steps: [4]},{sampler: ddpm, variance: fixed_small, steps: [6]},"
+        "{sampler: dpm_solver, clip_denoised: true, steps: [30]}]",
         "metrics.kid_subset_size=20", "metrics.kid_subsets=10", "metrics.fid_bootstrap=5"]
 
 
@@ -66,8 +67,8 @@ def test_two_processes_give_the_one_process_numbers_and_a_killed_grid_resumes(di
 
 def test_resume_is_keyed_on_the_checkpoint_bytes_not_its_path(digits_checkpoint, tmp_path):
     out, data = tmp_path / "eval", tmp_path / "data"
-    grid = ["num_samples=20", "batch_size=10", "grid.ddim_eta=[0.0]", "grid.ddim_steps=[3]", "grid.ddpm_variance=[]",
-            "grid.full_steps=false", "grid.dpm_solver_steps=[]", "metrics.kid=false", "metrics.fid_bootstrap=0"]
+    grid = ["num_samples=20", "batch_size=10", "grid.samplers=[{sampler: ddim, eta: 0.0}]",
+            "grid.steps=[3]", "metrics.kid=false", "metrics.fid_bootstrap=0"]
     run_eval(eval_command(digits_checkpoint.resolve(), out, data, *grid), tmp_path)
     # the same file through a relative path from another working directory
     relative = Path(os.path.relpath(digits_checkpoint.resolve(), tmp_path))

@@ -124,8 +124,10 @@ def test_callback_fid_is_the_same_on_one_and_two_processes(tmp_path):
 def test_eval_command_writes_a_resumable_report(digits_checkpoint, tmp_path):
     out = tmp_path / "eval"
     args = eval_command(digits_checkpoint, out, tmp_path / "data", "num_samples=64", "batch_size=32",
-                        "grid.ddim_eta=[0.0,1.0]", "grid.ddim_steps=[5,10]", "grid.ddpm_variance=[fixed_large]",
-                        "grid.ddpm_steps=[5]", "grid.full_steps=false", "grid.dpm_solver_steps=[5]",
+                        "grid.samplers=[{sampler: ddim, eta: 0.0},{sampler: ddim, eta: 1.0},"
+                        "{sampler: ddpm, variance: fixed_large, steps: [5]},"
+                        "{sampler: dpm_solver, clip_denoised: true, steps: [5]}]",
+                        "grid.steps=[5,10]",
                         "metrics.kid_subset_size=32")
     first = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -138,7 +140,7 @@ def test_eval_command_writes_a_resumable_report(digits_checkpoint, tmp_path):
         assert cell["num_samples"] == 64 and {"fid", "is", "kid"} <= set(cell["metrics"])
         assert cell["nfe"] == cell["sampler"]["num_steps"]  # no rounding duplicates at these step counts
     table = (out / "report.md").read_text()
-    assert "| DDIM eta=0 |" in table and "| DDIM eta=1 |" in table and "| DPM-Solver++(2M) |" in table
+    assert "| DDIM eta=0 |" in table and "| DDIM eta=1 |" in table and "| DPM-Solver++(2M), clip_denoised=True |" in table
     assert "| sampler \\ S | 5 | 10 |" in table
     with Image.open(out / "fid_vs_nfe.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 300

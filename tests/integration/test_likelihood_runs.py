@@ -79,9 +79,8 @@ def test_val_bpd_is_the_same_on_one_and_two_processes(tmp_path):
 
 def test_eval_command_writes_the_nll_cell(digits_checkpoint, tmp_path):
     out = tmp_path / "eval"
-    args = eval_command(digits_checkpoint, out, tmp_path / "data", "grid.ddim_eta=[]", "grid.ddpm_variance=[]",
-                        "grid.full_steps=false", "grid.dpm_solver_steps=[]", "nll.enabled=true", "nll.num_images=4",
-                        "nll.batch_size=4")
+    args = eval_command(digits_checkpoint, out, tmp_path / "data", "grid.samplers=[]", "nll.enabled=true",
+                        "nll.num_images=4", "nll.batch_size=4")
     proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     nll = json.loads((out / "report.json").read_text())["nll"]

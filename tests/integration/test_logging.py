@@ -106,8 +106,8 @@ def test_offline_wandb_run_has_config_metrics_and_sample_grids(compose_cfg):
 def test_eval_report_goes_to_wandb(digits_checkpoint, tmp_path):
     out = tmp_path / "eval"
     args = eval_command(digits_checkpoint, out, tmp_path / "data", "num_samples=32", "batch_size=32",
-                        "grid.ddim_eta=[0.0]", "grid.ddim_steps=[5]", "grid.ddpm_variance=[]", "grid.full_steps=false",
-                        "grid.dpm_solver_steps=[5]", "metrics.kid=false", "wandb.enabled=true")
+                        "grid.samplers=[{sampler: ddim, eta: 0.0},{sampler: dpm_solver, clip_denoised: true}]",
+                        "grid.steps=[5]", "metrics.kid=false", "wandb.enabled=true")
     result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

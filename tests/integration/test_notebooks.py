@@ -18,8 +18,9 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 def small_report(digits_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("notebook_eval")
     args = eval_command(digits_checkpoint, out, out / "data", "num_samples=64", "batch_size=64",
-                        "grid.ddim_eta=[0.0,1.0]", "grid.ddim_steps=[5,10]", "grid.ddpm_variance=[fixed_large]",
-                        "grid.ddpm_steps=[5,10]", "grid.full_steps=false", "grid.dpm_solver_steps=[5]",
+                        "grid.samplers=[{sampler: ddim, eta: 0.0},{sampler: ddim, eta: 1.0},"
+                        "{sampler: ddpm, variance: fixed_large},{sampler: dpm_solver, clip_denoised: true, steps: [5]}]",
+                        "grid.steps=[5,10]",
                         "metrics.kid=false")
     result = subprocess.run(args, capture_output=True, text=True, cwd=out)
     assert result.returncode == 0, result.stderr[-3000:]

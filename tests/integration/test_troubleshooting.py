@@ -3,7 +3,9 @@
 
 The table is the test's data (between the ``troubleshooting-table`` markers), so the README cannot promise a
 message the commands do not print. An ``<angle-bracket>`` name in a row is a file or folder built here; ``...`` in a
-message stands for any text. Rows run two at a time (each is its own Python process: ~5 s of imports).
+message stands for any text. An input is split as a shell splits it (shlex), so a Hydra value with spaces, braces
+or commas is quoted as one would type it: 'grid.samplers=[{sampler: ddim, eta: 1.0}]'. Rows run two at a time
+(each is its own Python process: ~5 s of imports).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +99,7 @@ class _MakeDirs:
 
 
 def _run(command: str, args: str, files: dict[str, Path], tmp: Path) -> subprocess.CompletedProcess:
-    argv = PLACEHOLDER.sub(lambda m: str(files[m.group(0)[1:-1]]), args).split()
+    argv = shlex.split(PLACEHOLDER.sub(lambda m: str(files[m.group(0)[1:-1]]), args))  # quoted as in a shell
     defaults = {"train": [f"paths.log_dir={tmp / 'runs'}", f"paths.data_dir={tmp / 'data'}"],
                 "sample": [f"out={tmp / 'samples'}"],
                 "eval": [f"out={tmp / 'eval'}", f"paths.data_dir={tmp / 'data'}"]}[command]

@@ -65,6 +65,12 @@ class DPMSolverSampler(Sampler):
             else:
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (sigma[s] / sigma[t]) * x - alpha[s] * torch.expm1(-h) * d
+            x = self.update(x, d, h, alpha[s], sigma[s], sigma[t], noise)
             x0_prev, h_prev = x0, h
         return x
+
+    def update(self, x: Tensor, d: Tensor, h: Tensor, alpha_s: Tensor, sigma_s: Tensor, sigma_t: Tensor,
+               noise: NoiseFn) -> Tensor:
+        """The step from t to s given the multistep estimate d of x0: the ODE's x_s = (sigma_s / sigma_t) x_t -
+        alpha_s (e^{-h} - 1) d. The SDE variant (sde_dpm_solver.py) overrides only this."""
+        return (sigma_s / sigma_t) * x - alpha_s * torch.expm1(-h) * d

@@ -7,14 +7,13 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion.denoiser import Condition, Denoiser
-from diffusion_lab.samplers.base import NoiseFn, Sampler
-from diffusion_lab.samplers.dpm_solver import log_snr_schedule
+from diffusion_lab.samplers.base import NoiseFn
+from diffusion_lab.samplers.dpm_solver import DPMSolverSampler
 from diffusion_lab.samplers.timesteps import Spacing
 
 
 @dataclasses.dataclass(frozen=True)
-class SDEDPMSolverSampler(Sampler):
+class SDEDPMSolverSampler(DPMSolverSampler):
     """Second-order multistep solver of the diffusion SDE in data-prediction form (stochastic DPM-Solver++(2M)).
 
     Symbols as in :class:`~diffusion_lab.samplers.dpm_solver.DPMSolverSampler`: alpha_t, sigma_t, lambda_t =
@@ -33,29 +32,9 @@ class SDEDPMSolverSampler(Sampler):
     name = "sde_dpm_solver"
     title = "SDE-DPM-Solver++(2M)"
 
-    def run(self, denoiser: Denoiser, x: Tensor, noise: NoiseFn, cond: Condition | None = None) -> Tensor:
-        diffusion = denoiser.diffusion
-        steps = self.visited(diffusion)
-        alpha, sigma, lam = log_snr_schedule(diffusion, x.dtype)
-        x0_prev: Tensor | None = None
-        h_prev: Tensor | None = None
-        for i in self._progress(list(range(len(steps)))):
-            t = steps[i]
-            # 1. data prediction D_i at the current timestep
-            x0 = denoiser(x, self._t(x, t), cond, clip_x0=self.clip_denoised).x0
-            if i == len(steps) - 1:
-                return x0  # 5. sigma_next = 0: x = D_i, the noise term's sigma_next sqrt(1 - e^{-2h}) is 0
-            s = steps[i + 1]
-            # 2. step size in log-SNR
-            h = lam[s] - lam[t]
-            # 3. first-order or second-order (midpoint) multistep estimate of D
-            if x0_prev is None:
-                d = x0
-            else:
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            # 4. the SDE update: decay of x, the data term, and fresh noise of variance sigma_s^2 (1 - e^{-2h})
-            decay = -torch.expm1(-2 * h)
-            x = (sigma[s] / sigma[t]) * torch.exp(-h) * x + alpha[s] * decay * d + sigma[s] * decay.sqrt() * noise()
-            x0_prev, h_prev = x0, h
-        return x
+    def update(self, x: Tensor, d: Tensor, h: Tensor, alpha_s: Tensor, sigma_s: Tensor, sigma_t: Tensor,
+               noise: NoiseFn) -> Tensor:
+        """The SDE update: decay of x, the data term, and fresh noise of variance sigma_s^2 (1 - e^{-2h}). The loop,
+        the multistep estimate d and the last step (to sigma = 0: x = D, no noise) are DPMSolverSampler's."""
+        decay = -torch.expm1(-2 * h)
+        return (sigma_s / sigma_t) * torch.exp(-h) * x + alpha_s * decay * d + sigma_s * decay.sqrt() * noise()

@@ -29,7 +29,7 @@ def test_a_failing_end_of_training_callback_leaves_last_ckpt_at_the_final_step(c
     """The sample grid at the end of training fails; last.ckpt must already hold step 7 (saves every 5)."""
     from diffusion_lab.callbacks import SampleGrid
 
-    def broken(self, trainer, pl_module):
+    def broken(self, trainer, pl_module, final=False):
         raise RuntimeError("sample grid failed")
 
     monkeypatch.setattr(SampleGrid, "write", broken)

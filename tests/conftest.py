@@ -93,6 +93,20 @@ def compose_cfg(tmp_path: Path) -> Callable:
     return _compose
 
 
+def fit_steps(compose_cfg: Callable, overrides: Iterable[str], steps: int, *callbacks):
+    """``steps`` real training steps of the composed config (data, module and trainer groups; the seed set to 0), with
+    ``callbacks`` and no logger or checkpoints. Returns (module, trainer)."""
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg([f"trainer.max_steps={steps}", *overrides])
+    torch.manual_seed(0)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model, _partial_=True)(diffusion=instantiate(cfg.diffusion), sampler=None)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=list(callbacks))
+    trainer.fit(module, datamodule=datamodule)
+    return module, trainer
+
+
 def perturbed(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random non-zero weights everywhere (the output convolutions start at scale 1e-10 and would hide any
     mapping error or difference between nets)."""

@@ -10,10 +10,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from diffusion_lab.training import DiffusionModule, NonFiniteLossError
-from tests.conftest import poison_loss
+from tests.conftest import fit_steps, poison_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,14 +39,9 @@ class Record(L.Callback):
 
 
 def fit(compose_cfg, overrides: list[str], steps: int = 3) -> tuple[DiffusionModule, Record]:
-    """A few real training steps of the composed config (data, module and trainer groups), no callbacks."""
-    cfg = compose_cfg([f"trainer.max_steps={steps}", *overrides])
-    torch.manual_seed(0)
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, _partial_=True)(diffusion=instantiate(cfg.diffusion), sampler=None)
+    """A few real training steps of the composed config (data, module and trainer groups), recorded."""
     record = Record()
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[record])
-    trainer.fit(module, datamodule=datamodule)
+    module, trainer = fit_steps(compose_cfg, overrides, steps, record)
     assert trainer.global_step == steps
     return module, record
 

@@ -32,7 +32,7 @@ from diffusion_lab.errors import ConfigError
 from diffusion_lab.nets import unet as unet_module
 from diffusion_lab.training import module as module_py
 from diffusion_lab.training.module import COMPILE_MODES, DiffusionModule, compile_mode
-from tests.conftest import TINY, compose_config, tiny_unet, use_run_dir
+from tests.conftest import TINY, compose_config, fit_steps, tiny_unet, use_run_dir
 
 # The tiny test config with the run's progress bar kept (drawn as a live bar: it redraws every step).
 WITH_BAR = [o for o in TINY if "progress_bar" not in o] + ["callbacks.progress_bar.tty=true"]
@@ -214,13 +214,8 @@ class Losses(L.Callback):
 
 
 def fit_losses(compose_cfg, overrides: list[str], steps: int = 5) -> tuple[DiffusionModule, list[float]]:
-    cfg = compose_cfg([f"trainer.max_steps={steps}", *overrides])
-    torch.manual_seed(0)
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, _partial_=True)(diffusion=instantiate(cfg.diffusion), sampler=None)
     losses = Losses()
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[losses])
-    trainer.fit(module, datamodule=datamodule)
+    module, _ = fit_steps(compose_cfg, overrides, steps, losses)
     return module, losses.values
 
 

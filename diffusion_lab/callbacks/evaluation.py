@@ -14,6 +14,10 @@ other feature extractors too, logged as ``val/fid_<extractor>`` and ``val/fid_<n
 IS stays the main extractor's). ``gate`` ({score name: upper bound}) is checked on the last evaluation of a run
 of ``gate_recipe`` ({num_samples, max_steps}: what the bands were measured for); see
 :mod:`diffusion_lab.metrics.gate`.
+
+Each evaluation also sends ``time/elapsed_min`` to the loggers: the wall minutes since this process began
+training, this evaluation included. A constant-rate run's FID at step k, against it, is what a run of k steps
+would cost and score, so one sweep run traces its whole FID-against-wall-time curve (diffusion-lab-report).
 """
 
 from __future__ import annotations
@@ -118,6 +122,10 @@ class FIDEvaluation(ScheduledCallback):
         self.extractor: Any = None
         self.extras: dict[str, tuple[Any, dict]] = {}  # extra extractor name -> (extractor, reference)
         self.history: list[dict[str, float]] = []
+        self.train_start: float | None = None  # perf_counter() when this process began training
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train_start = perf_counter()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.guidance_scale != 1 and net_contract(pl_module.net)["num_classes"] is None:
@@ -233,8 +241,11 @@ class FIDEvaluation(ScheduledCallback):
                 pl_module.log(name, value, sync_dist=False, rank_zero_only=False, logger=False)
         # Straight to the loggers: self.log would only reach them on steps that are multiples of log_every_n_steps.
         if trainer.is_global_zero:
+            timed = dict(values)
+            if self.train_start is not None:  # not for a script's call outside fit
+                timed["time/elapsed_min"] = (perf_counter() - self.train_start) / 60
             for logger in trainer.loggers:
-                logger.log_metrics(values, step=trainer.global_step)
+                logger.log_metrics(timed, step=trainer.global_step)
             drawn = " + ".join(f"{s.name} {len(s.visited(pl_module.diffusion))} steps"
                                for s in [sampler, *self.extra_samplers.values()])
             _log.info("step %d: %s (%d samples, %s, %.1f s)", trainer.global_step,

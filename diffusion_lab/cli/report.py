@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="diffusion-lab-report",
         description="Collect every run of a Hydra multirun folder (or any folder of run folders): overrides, "
-                    "status and error, wall time, final and best metrics. Writes sweep_report.md, .csv and .png.")
+                    "status and error, wall time, final and best metrics, each FID against wall time. Writes "
+                    "sweep_report.md, .csv and .png.")
     parser.add_argument("folder", help="e.g. runs/digits/multirun_2026-11-22_10-00-00")
     parser.add_argument("--metric", default=None,
                         help="the metric to sort by and plot (default: val/fid if logged, else train/loss)")

@@ -3,8 +3,11 @@
 For each run: its overrides, status (failed runs keep their error), wall time, and the final and best value of
 every logged metric (from ``csv/metrics.csv``). Written as ``sweep_report.md`` (sorted by the chosen metric,
 showing only the overrides that differ between runs), ``sweep_report.csv`` (everything) and
-``sweep_report.png`` (the metric and the training loss against steps, one line per run, and the final metric
-against each run's wall time).
+``sweep_report.png`` (the metric and the training loss against steps, one line per run, and the metric against
+wall time). Runs whose FID callback logged ``time/elapsed_min`` (the wall minutes of training at each evaluation)
+are drawn as whole curves against wall time, and tabled step by step: with a constant learning rate after warm-up,
+a run's value at step k is what a run of k steps would have scored, so one long run per setting answers "how long
+must it train". Other runs are drawn as one point, their final value against the run's wall time.
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ from diffusion_lab.training.run_status import read_status
 from diffusion_lab.utils.io import save_figure_atomic, write_text_atomic
 
 HIGHER_IS_BETTER = ("val/is",)
+ELAPSED = "time/elapsed_min"  # logged by FIDEvaluation with each evaluation
+
+
+def timed_curve(run: dict[str, Any], metric: str) -> list[tuple[int, float, float]]:
+    """[(step, elapsed minutes, metric)] at the run's evaluations that logged both (one per step: the last)."""
+    elapsed = dict(run["history"].get(ELAPSED, []))
+    values = dict(run["history"].get(metric, []))
+    return [(step, elapsed[step], values[step]) for step in sorted(values) if step in elapsed]
 
 
 def higher_is_better(metric: str) -> bool:
@@ -163,6 +174,18 @@ def markdown(runs: list[dict[str, Any]], metric: str, folder: Path) -> str:
         results = yaml.safe_load(optuna.read_text())
         lines += ["", "## Optuna", "", f"Best parameters: `{results.get('best_params')}`, "
                   f"best value: {_fmt(results.get('best_value'))}"]
+    curves = {r["job"]: timed_curve(r, metric) for r in runs}
+    steps = sorted({s for c in curves.values() for s, _, _ in c})
+    if steps:
+        lines += ["", f"## {metric} against wall time", "",
+                  f"Each evaluation's {metric} (wall minutes of training so far, that evaluation included).", "",
+                  "| job | overrides | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "|" + "---|" * (len(steps) + 2)]
+        for r in runs:
+            cells = {s: f"{v:.4g} ({m:.1f} min)" for s, m, v in curves[r["job"]]}
+            if cells:
+                lines.append(f"| {r['job']} | `{varying[r['job']] or '-'}` | "
+                             + " | ".join(cells.get(s, "-") for s in steps) + " |")
     lines += ["", f"![{metric} and training loss per run](sweep_report.png)", ""]
     return "\n".join(lines)
 
@@ -201,19 +224,27 @@ def plot(runs: list[dict[str, Any]], metric: str, path: Path) -> None:
 
     _, varying = varying_overrides(runs)
     panels = [metric] + (["train/loss"] if metric != "train/loss" else [])
-    timed = [r for r in runs if r["wall_seconds"] and metric in r["final"]]
+    curves = {r["job"]: timed_curve(r, metric) for r in runs}
+    timed = [r for r in runs if curves[r["job"]] or (r["wall_seconds"] and metric in r["final"])]
     fig, axes = plt.subplots(1, len(panels) + bool(timed), figsize=(6 * (len(panels) + bool(timed)), 4.5),
                              squeeze=False)
-    if timed:  # the trade-off a recipe is chosen on: the final metric against the run's wall time
+    if timed:  # the trade-off a recipe is chosen on: the metric against wall time
         ax = axes[0][-1]
         for r in timed:
-            ax.scatter(r["wall_seconds"] / 60, r["final"][metric], s=30)
-            ax.annotate(f"{r['job']}", (r["wall_seconds"] / 60, r["final"][metric]), textcoords="offset points",
-                        xytext=(4, 3), fontsize=7)
-        ax.set_xlabel("wall time of the run (min)")
-        ax.set_ylabel(f"final {metric}")
-        ax.set_title(f"final {metric} vs wall time")
-        ax.grid(True, alpha=0.3)
+            if curves[r["job"]]:  # the whole curve: each evaluation at the wall time training had taken by then
+                _, minutes, values = zip(*curves[r["job"]])
+                ax.plot(minutes, values, marker="o", markersize=3, label=f"{r['job']}: {varying[r['job']] or '-'}")
+                point = (minutes[-1], values[-1])
+            else:  # the final value against the run's wall time
+                point = (r["wall_seconds"] / 60, r["final"][metric])
+                ax.scatter(*point, s=30)
+            ax.annotate(f"{r['job']}", point, textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.set_xlabel("wall time of training (min)")
+        ax.set_ylabel(metric)
+        if metric == "val/fid":
+            ax.set_yscale("log")
+        ax.set_title(f"{metric} vs wall time")
+        ax.grid(True, which="both", alpha=0.3)
     for ax, name in zip(axes[0], panels):
         for r in runs:
             points = r["history"].get(name)

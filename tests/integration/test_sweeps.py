@@ -51,6 +51,9 @@ def test_multirun_writes_one_folder_per_run_and_the_report_lists_every_run(tmp_p
         fids = logged(sweep_dir / job, "val/fid")
         assert run["steps"] == 4 and [s for s, _ in fids] == [2, 4] and run["history"]["val/fid"] == fids
         assert run["final"]["val/fid"] == fids[-1][1] and run["best"]["val/fid"] == min(v for _, v in fids)
+        # each evaluation logs the wall minutes of training so far: increasing, within the run's wall time
+        elapsed = logged(sweep_dir / job, "time/elapsed_min")
+        assert [s for s, _ in elapsed] == [2, 4] and 0 < elapsed[0][1] < elapsed[1][1] < run["wall_seconds"] / 60
     assert runs["2"]["status"] == "failed" and "ConfigError" in runs["2"]["error"]
 
     paths = write_sweep_report(sweep_dir)
@@ -63,6 +66,14 @@ def test_multirun_writes_one_folder_per_run_and_the_report_lists_every_run(tmp_p
     assert "| failed |" in rows[2] and "cosinus" in rows[2]
     assert "Common overrides:" in table and "trainer.max_steps=4" in table.split("| rank")[0]
     assert "is not allowed" in table.split("## Errors")[1]
+    # the curve table: one row per completed run, each evaluation's FID with its wall minutes
+    curve = table.split("## val/fid against wall time")[1].split("![")[0]
+    assert "| job | overrides | step 2 | step 4 |" in curve
+    for job in ("0", "1"):
+        (row,) = [line for line in curve.splitlines() if line.startswith(f"| {job} |")]
+        fids, elapsed = logged(sweep_dir / job, "val/fid"), logged(sweep_dir / job, "time/elapsed_min")
+        assert row.endswith(" | ".join(f"{v:.4g} ({m:.1f} min)" for (_, v), (_, m) in zip(fids, elapsed)) + " |")
+    assert "| 2 |" not in curve  # the failed run has no curve
 
     with open(paths["csv"], newline="") as f:
         records = list(csv.DictReader(f))
@@ -70,7 +81,7 @@ def test_multirun_writes_one_folder_per_run_and_the_report_lists_every_run(tmp_p
     assert math.isclose(float(records[0]["best val/fid"]), runs[best_job]["best"]["val/fid"])
     assert records[2]["status"] == "failed" and records[2]["best val/fid"] == ""
     with Image.open(paths["plot"]) as plot:
-        assert plot.format == "PNG" and plot.size[0] >= 1500  # val/fid, the training loss, final val/fid vs wall time
+        assert plot.format == "PNG" and plot.size[0] >= 1500  # val/fid, the training loss, val/fid vs wall time
 
     cli = subprocess.run([sys.executable, "-m", "diffusion_lab.cli.report", str(sweep_dir), "--metric", "train/loss",
                           "--out", str(tmp_path / "by_loss")], capture_output=True, text=True)

@@ -226,8 +226,12 @@ def plot(runs: list[dict[str, Any]], metric: str, path: Path) -> None:
     panels = [metric] + (["train/loss"] if metric != "train/loss" else [])
     curves = {r["job"]: timed_curve(r, metric) for r in runs}
     timed = [r for r in runs if curves[r["job"]] or (r["wall_seconds"] and metric in r["final"])]
-    fig, axes = plt.subplots(1, len(panels) + bool(timed), figsize=(6 * (len(panels) + bool(timed)), 4.5),
-                             squeeze=False)
+    # the legend goes below the panels, two runs to a row: a sweep's override lists are too long for inside one
+    longest = max((len(f"{r['job']}: {varying[r['job']]}") for r in runs), default=0)
+    ncol = 2 if len(runs) > 1 and longest <= 110 else 1
+    legend_inches = 0.3 + 0.2 * math.ceil(len(runs) / ncol)
+    width, height = 6 * (len(panels) + bool(timed)), 4.5 + legend_inches
+    fig, axes = plt.subplots(1, len(panels) + bool(timed), figsize=(width, height), squeeze=False)
     if timed:  # the trade-off a recipe is chosen on: the metric against wall time
         ax = axes[0][-1]
         for r in timed:
@@ -261,8 +265,10 @@ def plot(runs: list[dict[str, Any]], metric: str, path: Path) -> None:
             ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title(name)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     save_figure_atomic(fig, path)
 
 

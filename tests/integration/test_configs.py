@@ -74,9 +74,9 @@ def test_trainer_options(compose_cfg, option):
     validate_config(cfg)
     if option in ("cpu", "default"):
         trainer = instantiate(cfg.trainer, logger=False)
-        # the default experiment's (digits) 3,000 steps, the recipe its quality-gate bands hold for; the DDPM
+        # the default experiment's (digits) 2,000 steps, the recipe its quality-gate bands hold for; the DDPM
         # recipe's global-norm clipping at 1.0 (paper-numbers.md); full precision
-        assert (trainer.max_steps, trainer.gradient_clip_val, trainer.precision) == (3000, 1.0, "32-true")
+        assert (trainer.max_steps, trainer.gradient_clip_val, trainer.precision) == (2000, 1.0, "32-true")
     else:  # GPU configs: assert the resolved values (no GPU here to instantiate on)
         assert cfg.trainer.accelerator == "gpu"
         assert {"bf16": "bf16-mixed"}.get(option, "32-true") == cfg.trainer.precision

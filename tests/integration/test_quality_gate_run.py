@@ -49,9 +49,9 @@ def test_a_run_of_another_recipe_is_not_gated(compose_cfg, caplog):
     from diffusion_lab.cli.train import train
 
     with caplog.at_level(logging.INFO, logger="diffusion_lab.callbacks.evaluation"):
-        metrics = train(_cfg(compose_cfg))  # the default recipe: 1,000 samples, 3,000 steps
+        metrics = train(_cfg(compose_cfg))  # the default recipe: 1,000 samples, 2,000 steps
     assert metrics["val/fid_ddim50"] > 0
-    assert "quality gate not checked: its bands hold for num_samples=1000, max_steps=3000; this run has " \
+    assert "quality gate not checked: its bands hold for num_samples=1000, max_steps=2000; this run has " \
            f"num_samples=64, max_steps={STEPS}" in caplog.text
 
 

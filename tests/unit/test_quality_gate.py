@@ -100,8 +100,8 @@ def test_degraded_digits_fail_the_default_runs_bands(scored_sets, degraded):
 def test_the_pixel_extractor_sees_a_shift_the_classifier_forgives(scored_sets):
     """Why a second extractor: the classifier is built to ignore a brightness shift, pixel statistics are not."""
     bands, brighter = _bands(), scored_sets["brighter"]
-    # The classifier's FID of a +0.1 brightness shift sits at its band (measured 6.67 against 6.6 on the 2-core
-    # Xeon VM, just under it on the CI machine: the trained classifier's numerics differ by CPU), while the
-    # pixel-space FID is over twice its band (39.6 against 17.8): only the second extractor sees the shift.
-    assert brighter["val/fid"] <= 1.1 * bands["val/fid"]
-    assert brighter["val/fid_digits-pixels"] > 2 * bands["val/fid_digits-pixels"]
+    # The classifier's FID of a +0.1 brightness shift is inside its band (measured 6.67 on the 2-core Xeon VM, a
+    # little less on the CI machine: the trained classifier's numerics differ by CPU; band 7.2), while the
+    # pixel-space FID is almost twice its band (39.6 against 21.0): only the second extractor sees the shift.
+    assert brighter["val/fid"] <= bands["val/fid"]
+    assert brighter["val/fid_digits-pixels"] > 1.8 * bands["val/fid_digits-pixels"]

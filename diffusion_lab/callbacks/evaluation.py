@@ -16,8 +16,9 @@ of ``gate_recipe`` ({num_samples, max_steps}: what the bands were measured for);
 :mod:`diffusion_lab.metrics.gate`.
 
 Each evaluation also sends ``time/elapsed_min`` to the loggers: the wall minutes since this process began
-training, this evaluation included. A constant-rate run's FID at step k, against it, is what a run of k steps
-would cost and score, so one sweep run traces its whole FID-against-wall-time curve (diffusion-lab-report).
+training, this evaluation included. With a constant learning rate after warm-up, a run's FID at step k and this
+value are what a run of k steps would score and cost, so one sweep run traces its whole FID-against-wall-time
+curve (diffusion-lab-report).
 """
 
 from __future__ import annotations

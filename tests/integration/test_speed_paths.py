@@ -4,7 +4,6 @@ clipping, the periodic finite-loss check; and the benchmarks' documented command
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import lightning as L

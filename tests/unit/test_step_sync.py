@@ -384,8 +384,5 @@ def test_lightnings_sigterm_broadcast_runs_before_logging_steps_only(compose_cfg
             steps.append(trainer.global_step)
             trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor()
 
-    cfg = compose_cfg(["trainer.max_steps=7", "trainer.log_every_n_steps=3"])
-    module = instantiate(cfg.model, _partial_=True)(diffusion=instantiate(cfg.diffusion), sampler=None)
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[CallTheBroadcast()])
-    trainer.fit(module, datamodule=instantiate(cfg.data))
+    fit_steps(compose_cfg, ["trainer.log_every_n_steps=3"], 7, CallTheBroadcast())
     assert steps == list(range(7)) and calls == [2, 5]  # the logging steps: (step + 1) % 3 == 0
